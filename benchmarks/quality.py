@@ -1,0 +1,291 @@
+"""Quality of what the server computes: vLLM with each KV cache configuration, same model.
+
+Every configuration runs in its own process through vLLM's engine (`vllm.LLM`, the engine
+`vllm serve` wraps, with our backend for kvtuner) on SmolLM2-135M-Instruct:
+
+- teacher-forced log-probs (`prompt_logprobs`) over held-out text windows: perplexity,
+  top-1 agreement with `auto`, and KL(auto || config) over auto's top-k tokens. The
+  quantized cache is exercised here because the kvtuner backend writes a step's K/V
+  into the packed cache before attention and every query, prefill included, reads the
+  packed cache (kvtuner_vllm/format.py, "Attention semantics"); vLLM's CPU attention
+  likewise reads its fp8 cache during prefill.
+- greedy continuations of prompts: token agreement with `auto` (matching prefix length).
+- answers to a small offline question set with known answers.
+- KV capacity in tokens from the engine's own accounting, at the same KV memory.
+
+Held-out text: licence texts that ship with Debian (/usr/share/common-licenses), which
+the calibration never sees (it calibrates on Python's pydoc topics).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from benchmarks.common import RESULTS_DIR, machine_info, write_json
+
+HELDOUT_FILES = ("GPL-3", "Apache-2.0", "MPL-2.0", "LGPL-2.1")
+LICENSES = Path("/usr/share/common-licenses")
+TOP_K = 20
+QUESTIONS = Path(__file__).with_name("data") / "questions.jsonl"
+GREEDY_PROMPTS = (
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Water boils at a temperature of",
+    "The three primary colors are",
+    "Once upon a time, in a small village,",
+    "The largest planet in the solar system is",
+    "To make a cup of tea, first",
+    "Photosynthesis is the process by which",
+)
+
+
+@dataclass(frozen=True)
+class KVConfig:
+    name: str
+    kv_cache_dtype: str
+    precision_map: str | None = None  # kvtuner only
+    avg_bits: float = 16.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    windows: int
+    window_tokens: int
+    greedy_tokens: int
+    kv_space_gib: int = 1
+
+
+QUICK = Settings(windows=4, window_tokens=256, greedy_tokens=32)
+FULL = Settings(windows=16, window_tokens=512, greedy_tokens=64)
+
+
+def heldout_windows(tokenizer, settings: Settings) -> list[list[int]]:
+    text = "\n\n".join((LICENSES / name).read_text() for name in HELDOUT_FILES)
+    ids = tokenizer(text)["input_ids"]
+    need = settings.windows * settings.window_tokens
+    if len(ids) < need:
+        raise SystemExit(f"held-out text has {len(ids)} tokens, {need} needed: lower --windows")
+    return [ids[i * settings.window_tokens : (i + 1) * settings.window_tokens] for i in range(settings.windows)]
+
+
+def _engine(model_dir: str, config: KVConfig, settings: Settings):
+    from vllm import LLM
+
+    extra = {}
+    if config.precision_map:
+        extra["additional_config"] = {"kvtuner": {"precision_map": config.precision_map}}
+    return LLM(
+        model=model_dir,
+        kv_cache_dtype=config.kv_cache_dtype,
+        dtype="bfloat16",
+        enforce_eager=True,
+        max_model_len=max(1024, settings.window_tokens + 64),
+        max_logprobs=TOP_K,
+        seed=0,
+        **extra,
+    )
+
+
+def _teacher_forced(llm, windows: list[list[int]]) -> list[list[dict[int, float]]]:
+    """Per window, per position (from the 2nd token), {token id: logprob} of the top-k plus the actual token."""
+    from vllm import SamplingParams, TokensPrompt
+
+    params = SamplingParams(max_tokens=1, prompt_logprobs=TOP_K, temperature=0.0)
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=w) for w in windows], params, use_tqdm=False)
+    return [[{t: lp.logprob for t, lp in pos.items()} for pos in out.prompt_logprobs[1:]] for out in outputs]
+
+
+def _greedy(llm, tokens: int) -> list[list[int]]:
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=tokens, temperature=0.0)
+    outputs = llm.generate(list(GREEDY_PROMPTS), params, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+def _answers(llm) -> list[str]:
+    from vllm import SamplingParams
+
+    questions = [json.loads(line) for line in QUESTIONS.read_text().splitlines() if line.strip()]
+    messages = [[{"role": "user", "content": q["question"]}] for q in questions]
+    outputs = llm.chat(messages, SamplingParams(max_tokens=24, temperature=0.0), use_tqdm=False)
+    return [o.outputs[0].text for o in outputs]
+
+
+def run_one(model_dir: str, config: KVConfig, settings: Settings) -> dict:
+    """Everything measured for one configuration (runs inside its own process)."""
+    started = time.perf_counter()
+    llm = _engine(model_dir, config, settings)
+    cache = llm.llm_engine.vllm_config.cache_config
+    windows = heldout_windows(llm.get_tokenizer(), settings)
+    return {
+        "config": asdict(config),
+        "kv_capacity_tokens": cache.num_gpu_blocks * cache.block_size,
+        "windows": windows,
+        "logprobs": [[{str(t): lp for t, lp in pos.items()} for pos in w] for w in _teacher_forced(llm, windows)],
+        "greedy": _greedy(llm, settings.greedy_tokens),
+        "answers": _answers(llm),
+        "seconds": time.perf_counter() - started,
+    }
+
+
+# -- metrics against the `auto` run ----------------------------------------------------------
+
+
+def perplexity(run: dict) -> float:
+    total, count = 0.0, 0
+    for window, positions in zip(run["windows"], run["logprobs"]):
+        for token, pos in zip(window[1:], positions):
+            total -= pos[str(token)]
+            count += 1
+    return math.exp(total / count)
+
+
+def kl_and_top1(reference: dict, run: dict) -> tuple[float, float]:
+    """Mean KL(ref || run) over ref's top-k tokens, and how often both rank the same token first.
+
+    A token outside run's top-k gets run's k-th log-prob, an upper bound on its true value,
+    so the KL reported is a lower bound of the top-k KL.
+    """
+    kl_sum, same_top1, count = 0.0, 0, 0
+    for ref_window, run_window in zip(reference["logprobs"], run["logprobs"]):
+        for ref_pos, run_pos in zip(ref_window, run_window):
+            ref_top = sorted(ref_pos.items(), key=lambda kv: -kv[1])[:TOP_K]
+            run_top = sorted(run_pos.items(), key=lambda kv: -kv[1])[:TOP_K]
+            floor = run_top[-1][1]
+            kl_sum += sum(math.exp(lp) * (lp - run_pos.get(t, floor)) for t, lp in ref_top)
+            same_top1 += ref_top[0][0] == run_top[0][0]
+            count += 1
+    return kl_sum / count, same_top1 / count
+
+
+def greedy_agreement(reference: dict, run: dict) -> float:
+    """Mean fraction of each greedy continuation that matches auto's before the first difference."""
+    fractions = []
+    for ref, out in zip(reference["greedy"], run["greedy"]):
+        prefix = next((i for i, (a, b) in enumerate(zip(ref, out)) if a != b), min(len(ref), len(out)))
+        fractions.append(prefix / max(len(ref), 1))
+    return sum(fractions) / len(fractions)
+
+
+def accuracy(run: dict) -> float:
+    questions = [json.loads(line) for line in QUESTIONS.read_text().splitlines() if line.strip()]
+    correct = sum(
+        any(a.lower() in answer.lower() for a in q["answers"]) for q, answer in zip(questions, run["answers"])
+    )
+    return correct / len(questions)
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    reference = next(r for r in runs if r["config"]["kv_cache_dtype"] == "auto")
+    rows = []
+    for run in runs:
+        kl, top1 = kl_and_top1(reference, run)
+        rows.append(
+            {
+                **run["config"],
+                "ppl": perplexity(run),
+                "kl_topk": kl,
+                "top1_agreement": top1,
+                "greedy_agreement": greedy_agreement(reference, run),
+                "qa_accuracy": accuracy(run),
+                "kv_capacity_tokens": run["kv_capacity_tokens"],
+                "capacity_vs_auto": run["kv_capacity_tokens"] / reference["kv_capacity_tokens"],
+                "seconds": run["seconds"],
+            }
+        )
+    return rows
+
+
+# -- orchestration -------------------------------------------------------------------------------
+
+
+def configurations(maps_dir: Path) -> list[KVConfig]:
+    """auto, vLLM's own CPU quantized KV, uniform pairs, and the calibrated maps found in maps_dir."""
+    configs = [KVConfig("auto", "auto"), KVConfig("fp8 (vLLM)", "fp8", avg_bits=8.0)]
+    for k, v in ((8, 8), (8, 4), (4, 4), (4, 2), (2, 2)):
+        label = f"KV{k}" if k == v else f"K{k}V{v}"
+        configs.append(KVConfig(label, "kvtuner", str(maps_dir / f"uniform_{label}.json"), (k + v) / 2))
+    for path in sorted(maps_dir.glob("calibrated_*.json")):
+        bits = json.loads(path.read_text())
+        avg = sum(layer["key_bits"] + layer["value_bits"] for layer in bits["layers"]) / (2 * bits["num_layers"])
+        configs.append(KVConfig(f"KVTuner {avg:.2f}b", "kvtuner", str(path), avg))
+    return configs
+
+
+def _run_in_subprocess(model_dir: str, config: KVConfig, settings: Settings, out: Path) -> dict:
+    """A fresh process per engine: vLLM CPU spawns workers and holds its KV pool until exit."""
+    cmd = [sys.executable, "-m", "benchmarks.quality", "--one", json.dumps(asdict(config)),
+           "--model", model_dir, "--settings", json.dumps(asdict(settings)), "--out", str(out)]
+    subprocess.run(cmd, check=True, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(settings.kv_space_gib)})
+    return json.loads(out.read_text())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="HF model folder (default: the bundled SmolLM2-135M-Instruct)")
+    parser.add_argument("--quick", action="store_true", help="fewer windows and tokens (<= 10 min on 2 cores)")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--settings", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.one:  # child process: one configuration
+        result = run_one(args.model, KVConfig(**json.loads(args.one)), Settings(**json.loads(args.settings)))
+        Path(args.out).write_text(json.dumps(result))
+        return
+
+    from benchmarks.maps import write_benchmark_maps
+    from kvtuner_vllm import smollm2
+
+    model_dir = args.model or str(smollm2.materialize())
+    settings = QUICK if args.quick else FULL
+    work = RESULTS_DIR / "quality_runs"
+    work.mkdir(parents=True, exist_ok=True)
+    maps_dir = write_benchmark_maps(model_dir, work / "maps")
+    started = time.perf_counter()
+    runs = []
+    for config in configurations(maps_dir):
+        print(f"[quality] {config.name} ...", flush=True)
+        runs.append(_run_in_subprocess(model_dir, config, settings, work / f"{config.name.replace(' ', '_')}.json"))
+    rows = summarize(runs)
+    result = {"machine": machine_info(), "settings": asdict(settings), "model": Path(model_dir).name,
+              "wall_seconds": time.perf_counter() - started, "rows": rows,
+              "command": "python -m benchmarks.quality" + (" --quick" if args.quick else "")}
+    path = write_json("quality", result)
+    plot(rows, path.with_suffix(".png"))
+    print(json.dumps(rows, indent=2))
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, metric, label in ((axes[0], "ppl", "held-out perplexity"), (axes[1], "kl_topk", "KL to auto (top-20)")):
+        for row in rows:
+            marker = "*" if row["name"].startswith("KVTuner") else "o"
+            ax.scatter(row["avg_bits"], row[metric], marker=marker, s=120 if marker == "*" else 50)
+            ax.annotate(row["name"], (row["avg_bits"], row[metric]), fontsize=7, xytext=(4, 3),
+                        textcoords="offset points")
+        ax.set_xlabel("average KV bits")
+        ax.set_ylabel(label)
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    fig.suptitle("SmolLM2-135M-Instruct served by vLLM: quality vs KV bits (stars: calibrated maps)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
