@@ -4,6 +4,7 @@ validation against a model, and a capacity summary. No vLLM import.
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Literal
@@ -180,13 +181,30 @@ def _describe(err: ValidationError) -> str:
         else:
             where = ".".join(str(x) for x in loc) or "map"
         hint = f" (allowed: {kvformat.SUPPORTED_BITS})" if where.endswith("_bits") else ""
+        if where == "scheme":
+            hint = f" (this server reads only the {kvformat.SCHEME!r} scheme; KIVI per-channel keys are not served yet)"
         parts.append(f"{where}: {e['msg']}{hint}")
     return "; ".join(parts)
 
 
-def _preset_model_name(path: Path) -> str:
-    """KVTuner presets are named <model>_<scheme>_KVTuner<budget>_<n>.yaml."""
-    return path.stem.split("_")[0]
+_PRESET_NAME = re.compile(r"^(?P<model>.+?)_(?P<scheme>[A-Za-z]+)_KVTuner\d+_\d+$")
+
+
+def _preset_model_name(path: Path) -> str | None:
+    """KVTuner presets are named <model>_<scheme>_KVTuner<budget>_<n>.yaml; other names carry no model.
+
+    Only the `pertoken` scheme matches our per-token-group format: a `kivi` preset was searched
+    for per-channel keys, so serving it per token would not be what was calibrated.
+    """
+    match = _PRESET_NAME.match(path.stem)
+    if match is None:
+        return None
+    if match["scheme"] != "pertoken":
+        raise ValueError(
+            f"unknown scheme {match['scheme']!r} for this server (it serves per-token groups only); "
+            "use the model's `pertoken` preset or a map from kvtuner-calibrate"
+        )
+    return match["model"]
 
 
 def compact_ranges(indices: list[int]) -> str:

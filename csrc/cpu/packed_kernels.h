@@ -1,0 +1,149 @@
+// CPU kernels for the packed KV format (kvtuner_vllm/format.py), free of torch headers.
+// launchers.cpp checks arguments, fills the structs below and runs the kernels in parallel.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "packed_format.h"
+
+namespace kvtuner::cpu {
+
+// The model dtype: query, output, key/value inputs and the raw payload of 16-bit planes.
+enum class ElemType : int { kFloat32, kFloat16, kBFloat16 };
+
+inline int elem_size(ElemType type) { return type == ElemType::kFloat32 ? 4 : 2; }
+
+// ---------------------------------------------------------------------------------------
+// Scalar conversions. fp16 rounding must match torch's `.to(torch.float16)` bit for bit
+// (round to nearest even, subnormals kept), because the stored scale/zero feed the codes.
+// ---------------------------------------------------------------------------------------
+
+inline uint32_t float_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+
+inline float bits_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// Round to nearest even; after F. Giesen's float_to_half_fast3_rtne.
+inline uint16_t float_to_half(float value) {
+  constexpr uint32_t kF32Infinity = 255u << 23;
+  constexpr uint32_t kF16Overflow = (127u + 16u) << 23;  // 2^16: everything above rounds to inf
+  constexpr uint32_t kDenormMagic = ((127u - 15u) + (23u - 10u) + 1u) << 23;
+  uint32_t f = float_bits(value);
+  const uint32_t sign = f & 0x80000000u;
+  f ^= sign;
+  uint16_t half;
+  if (f >= kF16Overflow) {
+    half = f > kF32Infinity ? 0x7e00 : 0x7c00;
+  } else if (f < (113u << 23)) {
+    // Below the smallest normal half: the fp32 add rounds the mantissa into place.
+    half = uint16_t(float_bits(bits_float(f) + bits_float(kDenormMagic)) - kDenormMagic);
+  } else {
+    const uint32_t mantissa_odd = (f >> 13) & 1u;
+    f += (uint32_t(15 - 127) << 23) + 0xfffu + mantissa_odd;
+    half = uint16_t(f >> 13);
+  }
+  return uint16_t(half | (sign >> 16));
+}
+
+// Exact, branch-free so that loops over fp16 payloads vectorize.
+inline float half_to_float(uint16_t half) {
+  const uint32_t sign = uint32_t(half & 0x8000u) << 16;
+  const uint32_t magnitude = half & 0x7fffu;
+  const uint32_t normal = (magnitude << 13) + (uint32_t(127 - 15) << 23);
+  const uint32_t special = (magnitude << 13) | 0x7f800000u;          // inf / nan
+  const float subnormal = float(magnitude) * 5.9604644775390625e-8f;  // magnitude * 2^-24, exact
+  uint32_t bits = magnitude >= 0x7c00u ? special : normal;
+  bits = magnitude < 0x400u ? float_bits(subnormal) : bits;
+  return bits_float(bits | sign);
+}
+
+inline float bf16_to_float(uint16_t value) { return bits_float(uint32_t(value) << 16); }
+
+// Round to nearest even, NaN kept quiet: what torch's float -> bfloat16 does.
+inline uint16_t float_to_bf16(float value) {
+  const uint32_t u = float_bits(value);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+  return uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+// ---------------------------------------------------------------------------------------
+// quantize_and_cache
+// ---------------------------------------------------------------------------------------
+
+struct CacheWriteProblem {
+  const void* key;
+  const void* value;
+  int64_t key_stride_token, key_stride_head;  // in elements
+  int64_t value_stride_token, value_stride_head;
+  uint8_t* cache;
+  int64_t cache_stride_block, cache_stride_head;  // in bytes
+  const int64_t* slot_mapping;
+  int64_t num_tokens;
+  int num_kv_heads, head_size, block_size, group_size, key_bits, value_bits;
+  ElemType dtype;
+};
+
+// Quantizes and stores key and value of tokens [begin, end) (all heads); slot < 0 skipped.
+void write_tokens(const CacheWriteProblem& problem, int64_t begin, int64_t end);
+
+// ---------------------------------------------------------------------------------------
+// paged_attention
+// ---------------------------------------------------------------------------------------
+
+struct AttentionProblem {
+  const void* query;
+  int64_t query_stride_token, query_stride_head;  // in elements
+  void* out;
+  int64_t out_stride_token, out_stride_head;
+  const uint8_t* cache;
+  int64_t cache_stride_block, cache_stride_head;  // in bytes
+  const int32_t* block_table;
+  int64_t block_table_stride;
+  const int32_t* seq_lens;
+  const int32_t* query_start_loc;
+  int num_seqs, num_q_heads, num_kv_heads, head_size, block_size, group_size, key_bits, value_bits;
+  int sliding_window;  // <= 0: none
+  float scale, softcap;  // softcap <= 0: none
+  ElemType dtype;
+};
+
+// One unit of parallel work: a tile of consecutive query tokens of one sequence, all the
+// query heads of one KV head, over keys [key_begin, key_end). An item whose key range is
+// one partition of a longer range writes a partial result (running max, sum and unscaled
+// accumulator per row) that `reduce_partitions` merges.
+struct WorkItem {
+  int seq, kv_head, query_begin, query_count;  // query_begin: index within the sequence's queries
+  int key_begin, key_end;
+  int64_t partial_offset;  // row offset into the partial buffer; -1: write the output directly
+  int64_t cost;            // rough work, for scheduling the largest items first
+};
+
+// Items whose partitions must be merged: `num_partitions` consecutive partial slots.
+struct ReduceItem {
+  int seq, kv_head, query_begin, query_count, num_partitions;
+  int64_t partial_offset;
+};
+
+struct AttentionPlan {
+  std::vector<WorkItem> items;  // sorted by decreasing cost
+  std::vector<ReduceItem> reductions;
+  int64_t partial_rows = 0;  // rows of (head_size + 2) floats the partial buffer needs
+};
+
+AttentionPlan plan_attention(const AttentionProblem& problem, int num_threads);
+
+// Runs one work item; `partial` is the partial buffer (may be null when no item needs it).
+void run_work_item(const AttentionProblem& problem, const WorkItem& item, float* partial);
+
+void reduce_partitions(const AttentionProblem& problem, const ReduceItem& item, const float* partial);
+
+}  // namespace kvtuner::cpu

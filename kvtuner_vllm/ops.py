@@ -1,0 +1,92 @@
+"""Python entry points of the kernels (torch.ops.kvtuner.*), with fake implementations.
+
+The compiled extension `kvtuner_vllm._C` is imported (and the fakes registered) on the
+first call or by `load_kernels()`, not at import time, so importing this module is cheap
+and works before the extension is built; a missing or stale build raises
+`KernelsNotBuiltError` with the command that fixes it.
+Both ops write in place (the cache, the output) and return nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from kvtuner_vllm.format import LayerFormat
+
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+_BUILD_HINT = f"run `pip install -e . --no-build-isolation` in {_REPO_ROOT}"
+_loaded = False
+
+
+class KernelsNotBuiltError(RuntimeError):
+    """The kvtuner_vllm._C extension is missing or was compiled against another torch."""
+
+
+def load_kernels() -> None:
+    """Imports kvtuner_vllm._C once, which registers torch.ops.kvtuner.*."""
+    global _loaded
+    if _loaded:
+        return
+    try:
+        from kvtuner_vllm import _C
+    except ImportError as error:
+        raise KernelsNotBuiltError(f"kvtuner_vllm._C is not built: {_BUILD_HINT} ({error})") from error
+    if _C.torch_version != torch.__version__:
+        raise KernelsNotBuiltError(
+            f"kvtuner_vllm._C was built against torch {_C.torch_version}, running {torch.__version__}: "
+            f"rebuild with `python setup.py build_ext --inplace` (or {_BUILD_HINT})"
+        )
+    _register_fakes()
+    _loaded = True
+
+
+def quantize_and_cache(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    fmt: LayerFormat,
+) -> None:
+    """Quantize key/value [T, H_kv, D] and write them into kv_cache uint8[B, H_kv, N, C] at slot_mapping."""
+    load_kernels()
+    torch.ops.kvtuner.quantize_and_cache(
+        key, value, kv_cache, slot_mapping, fmt.key_bits, fmt.value_bits, fmt.group_size
+    )
+
+
+def paged_attention(
+    out: torch.Tensor,
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    max_query_len: int,
+    max_seq_len: int,
+    scale: float,
+    fmt: LayerFormat,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+) -> None:
+    """Varlen causal attention of query [T, H_q, D] over the packed cache into out [T, H_q, D]
+    (format.paged_attention_ref is the definition)."""
+    load_kernels()
+    torch.ops.kvtuner.paged_attention(
+        out, query, kv_cache, block_table, seq_lens, query_start_loc, max_query_len, max_seq_len, scale,
+        fmt.key_bits, fmt.value_bits, fmt.group_size, sliding_window or 0, softcap or 0.0,
+    )
+
+
+def _register_fakes() -> None:
+    """Shape-only implementations for torch.compile / meta tensors: the ops only mutate."""
+
+    @torch.library.register_fake("kvtuner::quantize_and_cache")
+    def _(key, value, kv_cache, slot_mapping, key_bits, value_bits, group_size) -> None:
+        return None
+
+    @torch.library.register_fake("kvtuner::paged_attention")
+    def _(out, query, kv_cache, block_table, seq_lens, query_start_loc, max_query_len, max_seq_len, scale,
+          key_bits, value_bits, group_size, sliding_window, softcap) -> None:
+        return None

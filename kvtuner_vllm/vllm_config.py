@@ -1,0 +1,153 @@
+"""The bridge between vLLM's VllmConfig and the precision map: refusal of what we cannot serve,
+map resolution in the API server, per-layer formats in the workers, and the startup log block.
+Imported lazily by kvtuner_vllm.plugin, only when --kv-cache-dtype is kvtuner.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from kvtuner_vllm import format as kvformat
+from kvtuner_vllm.map_resolution import (
+    CONFIG_KEY,
+    RESOLVED_KEY,
+    ModelInfo,
+    ResolvedMap,
+    check,
+    resolve,
+    user_options,
+)
+from kvtuner_vllm.precision_map import PrecisionMapError
+from kvtuner_vllm.plugin import DTYPE, UnsupportedConfigError
+
+logger = logging.getLogger("vllm.kvtuner")
+
+
+def model_info(vllm_config) -> ModelInfo:
+    mc = vllm_config.model_config
+    served = mc.served_model_name
+    served = [served] if isinstance(served, str) else list(served or [])
+    names = (mc.model, *served, getattr(mc.hf_config, "_name_or_path", "") or "")
+    return ModelInfo(
+        names=tuple(n for n in names if n),
+        folder=_model_folder(mc),
+        num_layers=mc.get_total_num_hidden_layers(),
+        head_size=mc.get_head_size(),
+        num_kv_heads=mc.get_num_kv_heads(vllm_config.parallel_config),
+        dtype=mc.dtype,
+    )
+
+
+def _model_folder(mc) -> Path | None:
+    if Path(mc.model).is_dir():
+        return Path(mc.model)
+    try:  # a hub repo id: its cached snapshot, without touching the network
+        from huggingface_hub import try_to_load_from_cache
+
+        config = try_to_load_from_cache(mc.model, "config.json", revision=mc.revision)
+    except Exception:  # noqa: BLE001 - not a repo id, no hub: no folder to look in
+        return None
+    return Path(config).parent if isinstance(config, str) else None
+
+
+def check_supported(vllm_config) -> None:
+    """Refuse, at startup, every model shape and vLLM feature the packed pages do not handle."""
+    mc, cc = vllm_config.model_config, vllm_config.cache_config
+    text = mc.hf_text_config
+    sliding = (mc.get_sliding_window() is not None and getattr(text, "use_sliding_window", True)) or any(
+        "sliding" in str(t) for t in getattr(text, "layer_types", None) or ()
+    )
+    pc = vllm_config.parallel_config
+    refused = [
+        (mc.use_mla, "MLA attention (latent KV cache)"),
+        (mc.is_encoder_decoder, "encoder-decoder models (cross-attention)"),
+        (mc.is_hybrid or mc.has_inner_state or mc.is_attention_free, "hybrid, state-space or attention-free models"),
+        (sliding, "sliding-window attention (sliding-window-only or hybrid local/global models)"),
+        (mc.runner_type != "generate", f"the {mc.runner_type!r} runner (pooling or encoder-only models)"),
+        (vllm_config.speculative_config is not None, "speculative decoding"),
+        (vllm_config.kv_transfer_config is not None, "KV connectors (--kv-transfer-config)"),
+        (bool(cc.kv_offloading_size), "KV offloading"),
+        (bool(cc.kv_cache_dtype_skip_layers), "--kv-cache-dtype-skip-layers (give those layers 16/16 in the map)"),
+        (pc.decode_context_parallel_size > 1 or pc.prefill_context_parallel_size > 1, "context parallelism"),
+        (mc.get_head_size() not in kvformat.SUPPORTED_HEAD_SIZES,
+         f"head size {mc.get_head_size()} (supported: {kvformat.SUPPORTED_HEAD_SIZES})"),
+    ]
+    reasons = [what for flag, what in refused if flag]
+    if reasons:
+        raise UnsupportedConfigError(
+            f"--kv-cache-dtype {DTYPE} cannot serve {mc.model}: it does not support {'; '.join(reasons)}. "
+            "Serve this model with --kv-cache-dtype auto (or fp8)."
+        )
+
+
+def resolve_for_vllm(vllm_config) -> ResolvedMap:
+    """In the process that builds the VllmConfig: refuse, resolve, validate, and hand the map on."""
+    check_supported(vllm_config)
+    if not isinstance(vllm_config.additional_config, dict):
+        raise PrecisionMapError(f"--kv-cache-dtype {DTYPE} needs --additional-config to be a JSON object")
+    options = user_options(vllm_config.additional_config)
+    already = (vllm_config.additional_config.get(CONFIG_KEY) or {}).get(RESOLVED_KEY)
+    if already is not None:  # a copy of a VllmConfig that was resolved before: check it, cheaply
+        resolved = ResolvedMap.from_config(already)
+        check(resolved, model_info(vllm_config))
+        return resolved
+    resolved = resolve(options, model_info(vllm_config))
+    for warning in resolved.warnings:
+        logger.warning("kvtuner: %s", warning)
+    logger.info("kvtuner: precision map from %s (%.2f average bits)", resolved.source, resolved.map.avg_bits)
+    # EngineCore and the workers receive the pickled VllmConfig: they use this exact map, and the
+    # map is part of VllmConfig.compute_hash() (the torch.compile cache key).
+    vllm_config.additional_config[CONFIG_KEY] = {**options, RESOLVED_KEY: resolved.to_config()}
+    return resolved
+
+
+def resolved_map(vllm_config) -> ResolvedMap:
+    options = (vllm_config.additional_config or {}).get(CONFIG_KEY) or {}
+    if RESOLVED_KEY in options:
+        return ResolvedMap.from_config(options[RESOLVED_KEY])
+    return resolve_for_vllm(vllm_config)  # a VllmConfig built without the platform hook
+
+
+def layer_format(vllm_config, layer_name: str, head_size: int, num_kv_heads: int) -> kvformat.LayerFormat:
+    """The packed format of one attention layer, from its index in the layer name."""
+    from vllm.model_executor.models.utils import extract_layer_index
+
+    resolved = resolved_map(vllm_config)
+    index = extract_layer_index(layer_name)
+    if not 0 <= index < resolved.map.num_layers:
+        raise PrecisionMapError(
+            f"{resolved.source}: the model has an attention layer {layer_name} (index {index}) but the map "
+            f"covers layers 0-{resolved.map.num_layers - 1}; use a map calibrated for this model"
+        )
+    return resolved.map.layer_format(index, head_size, vllm_config.model_config.dtype)
+
+
+def startup_block(vllm_config, memory_bytes: int, num_tokens: int) -> str:
+    """The one log block: map source, average bits, (K, V) pairs, bytes per token, capacity vs bf16."""
+    resolved = resolved_map(vllm_config)
+    info = model_info(vllm_config)
+    block_size = vllm_config.cache_config.block_size
+    dense_per_token = info.num_layers * info.num_kv_heads * 2 * info.head_size * info.dtype.itemsize
+    packed_per_token = resolved.map.kv_bytes_per_token(info.head_size, info.num_kv_heads, info.dtype)
+    dense_tokens = memory_bytes // (dense_per_token * block_size) * block_size
+    # Pages are exact per layer (no padding to a common size): what is left is under one block.
+    remainder = memory_bytes - num_tokens * packed_per_token
+    dtype_name = str(info.dtype).removeprefix("torch.")
+    return "\n".join([
+        "kvtuner KV cache",
+        f"  precision map: {resolved.source}",
+        "  " + resolved.map.summary(info.head_size, info.num_kv_heads, info.dtype).replace("\n", "\n  "),
+        f"  KV capacity: {num_tokens:,} tokens in {memory_bytes / 2**30:.2f} GiB; {dtype_name} would hold "
+        f"{dense_tokens:,} tokens ({num_tokens / max(dense_tokens, 1):.2f}x); page padding 0 bytes, "
+        f"{remainder:,} bytes left over (under one block)",
+    ])
+
+
+def log_startup_block(vllm_config, kv_cache_config) -> None:
+    # Every KVCacheTensor describes a view into one shared backing allocation of `size` bytes.
+    memory_bytes = vllm_config.cache_config.kv_cache_memory_bytes or max(
+        tensor.size for tensor in kv_cache_config.kv_cache_tensors
+    )
+    num_tokens = kv_cache_config.num_blocks * vllm_config.cache_config.block_size
+    logger.info("%s", startup_block(vllm_config, memory_bytes, num_tokens))

@@ -1,0 +1,138 @@
+"""Map resolution order, preset matching and the bad-map messages (no vLLM, no server)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kvtuner_vllm.map_resolution import (
+    ENV_VAR,
+    MODEL_FOLDER_FILE,
+    ModelInfo,
+    find_preset,
+    resolve,
+    user_options,
+)
+from kvtuner_vllm.precision_map import PrecisionMap, PrecisionMapError
+
+SMOL = ModelInfo(names=("/models/SmolLM2-135M-Instruct",), folder=None, num_layers=30, head_size=64, num_kv_heads=3)
+
+
+def write_map(path: Path, key_bits=4, value_bits=2, num_layers=30, group_size=64, model=None, **extra) -> Path:
+    layers = [{"key_bits": key_bits, "value_bits": value_bits}] * num_layers
+    data = {
+        "format": "kvtuner-precision-map/v1",
+        "num_layers": num_layers,
+        "group_size": group_size,
+        "layers": layers,
+        **({"model": model} if model else {}),
+        **extra,
+    }
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.fixture
+def folder(tmp_path):
+    model = tmp_path / "SmolLM2-135M-Instruct"
+    model.mkdir()
+    return model
+
+
+def smol_in(folder: Path) -> ModelInfo:
+    return ModelInfo(names=(str(folder),), folder=folder, num_layers=30, head_size=64, num_kv_heads=3)
+
+
+def test_order_additional_config_then_env_then_folder_then_default(tmp_path, folder):
+    cli = write_map(tmp_path / "cli.json", 8, 8)
+    env = write_map(tmp_path / "env.json", 4, 4)
+    write_map(folder / MODEL_FOLDER_FILE, 2, 2)
+    model = smol_in(folder)
+
+    first = resolve({"precision_map": str(cli)}, model, {ENV_VAR: str(env)})
+    assert first.map.layers[0].label == "KV8" and "--additional-config" in first.source
+    second = resolve({}, model, {ENV_VAR: str(env)})
+    assert second.map.layers[0].label == "KV4" and ENV_VAR in second.source
+    third = resolve({}, model, {})
+    assert third.map.layers[0].label == "KV2" and "model folder" in third.source
+    (folder / MODEL_FOLDER_FILE).unlink()
+    other = ModelInfo(names=("/x/unknown-model",), folder=folder, num_layers=30, head_size=64, num_kv_heads=3)
+    last = resolve({}, other, {})
+    assert last.map.layers[0].label == "K8V4" and last.map.num_layers == 30 and last.warnings
+
+
+def test_bundled_presets_match_by_name():
+    llama = find_preset(("meta-llama/Llama-3.1-8B-Instruct",))
+    assert llama is not None and llama.name.startswith("Meta-Llama-3.1-8B-Instruct_pertoken_KVTuner4_")
+    # the more accurate of the two ~4-bit Pareto points
+    assert PrecisionMap.load(llama).avg_bits == pytest.approx(3.97, abs=0.01)
+    assert find_preset(("Qwen/Qwen2.5-7B-Instruct",)).name.startswith("Qwen2.5-7B-Instruct_pertoken")
+    assert find_preset(("mistralai/Mistral-7B-Instruct-v0.3",)) is not None
+    assert find_preset(("Qwen/Qwen2.5-0.5B-Instruct",)) is None
+    model = ModelInfo(
+        names=("meta-llama/Llama-3.1-8B-Instruct",), folder=None, num_layers=32, head_size=128, num_kv_heads=8
+    )
+    resolved = resolve({}, model, {})
+    assert "bundled preset" in resolved.source and resolved.map.num_layers == 32
+
+
+def test_preset_option_and_group_size_override(tmp_path):
+    model = ModelInfo(
+        names=("/models/Meta-Llama-3.1-8B-Instruct",), folder=None, num_layers=32, head_size=128, num_kv_heads=8
+    )
+    resolved = resolve({"preset": "Meta-Llama-3.1-8B-Instruct_pertoken_KVTuner6_0", "group_size": 128}, model, {})
+    assert resolved.map.group_size == 128 and resolved.map.avg_bits > 5
+    with pytest.raises(PrecisionMapError, match="no bundled preset named"):
+        resolve({"preset": "nope"}, model, {})
+
+
+def test_unknown_option_is_an_error():
+    with pytest.raises(PrecisionMapError, match=r"unknown key\(s\) \['precison_map'\]"):
+        user_options({"kvtuner": {"precison_map": "x.json"}})
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda p: p / "missing.json", r"missing\.json: cannot read it"),
+        (
+            lambda p: (p / "bad.json").write_text("{not: [valid") and p / "bad.json",
+            r"bad\.json: not valid JSON or YAML",
+        ),
+        (
+            lambda p: write_map(p / "short.json", num_layers=12),
+            r"short\.json: the map has 12 layers but the model has 30",
+        ),
+        (lambda p: write_map(p / "bits.json", key_bits=3), r"bits\.json: layer 0 key_bits.*allowed: \(2, 4, 8, 16\)"),
+        (
+            lambda p: write_map(p / "group.json", group_size=128),
+            r"group\.json: group size 128 does not divide head size 64",
+        ),
+        (lambda p: write_map(p / "scheme.json", scheme="per-channel"), r"scheme\.json: scheme.*per-token-group"),
+        (
+            lambda p: write_map(p / "other.json", model="Qwen2.5-7B-Instruct"),
+            r"other\.json.*made for model 'Qwen2\.5-7B-Instruct'",
+        ),
+    ],
+    ids=["unreadable", "malformed", "layers", "bits", "group-size", "scheme", "other-model"],
+)
+def test_bad_maps_name_the_file_and_the_fix(tmp_path, make, message):
+    path = make(tmp_path)
+    with pytest.raises(PrecisionMapError, match=message):
+        resolve({"precision_map": str(path)}, SMOL, {})
+
+
+def test_kivi_preset_is_an_unknown_scheme(tmp_path):
+    path = tmp_path / "SmolLM2-135M-Instruct_kivi_KVTuner4_0.yaml"
+    path.write_text("".join(f"{i}:\n  nbits_key: 4\n  nbits_value: 2\n" for i in range(30)))
+    with pytest.raises(PrecisionMapError, match="unknown scheme 'kivi'"):
+        resolve({"precision_map": str(path)}, SMOL, {})
+
+
+def test_kvtuner_yaml_with_any_name_is_read(tmp_path):
+    path = tmp_path / "my-map.yaml"
+    path.write_text("".join(f"{i}:\n  nbits_key: 8\n  nbits_value: 4\n" for i in range(30)))
+    resolved = resolve({"precision_map": str(path)}, SMOL, {})
+    assert resolved.map.avg_bits == 6 and resolved.map.group_size == 64

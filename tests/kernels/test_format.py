@@ -1,0 +1,135 @@
+"""The pure-torch reference of the packed format (kvtuner_vllm/format.py): the ground truth
+the kernels are compared against, so it is checked on its own first."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvtuner_vllm import format as kvformat
+
+QUANT_BITS = (2, 4, 8)
+FP16_HALF_ULP = 2.0**-11  # relative rounding error of an fp16 normal number
+FP16_MIN_SUBNORMAL = 2.0**-24
+
+
+@pytest.mark.parametrize("bits", QUANT_BITS)
+def test_pack_unpack_round_trip(bits):
+    codes = torch.randint(0, 2**bits, (7, 128), dtype=torch.uint8)
+    packed = kvformat.pack_codes(codes, bits)
+    assert packed.shape == (7, 128 * bits // 8)
+    assert torch.equal(kvformat.unpack_codes(packed, bits), codes)
+    every_byte = torch.arange(256, dtype=torch.uint8)
+    assert torch.equal(kvformat.pack_codes(kvformat.unpack_codes(every_byte, bits), bits), every_byte)
+
+
+def test_pack_order_is_little_end_first():
+    assert kvformat.pack_codes(torch.tensor([1, 2], dtype=torch.uint8), 4).tolist() == [0x21]
+    assert kvformat.pack_codes(torch.tensor([1, 2, 3, 0], dtype=torch.uint8), 2).tolist() == [0b00111001]
+
+
+def error_bound(x: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """Per-element bound on |x - x_hat| for the quantizer of format.py.
+
+    With exact scale s = (hi - lo) / qmax and zero lo, rounding to the nearest code costs at
+    most s_h / 2. Rounding the zero to fp16 moves it by <= 2^-11 |lo| (+ half the smallest
+    subnormal); codes of values below it clamp to 0. Rounding the scale moves the top code
+    qmax * s_h away from the range by <= 2^-11 (hi - lo); values beyond it clamp to qmax.
+    Both shifts add to the half step; fp32 arithmetic adds a few ulps of max |x|.
+    """
+    groups = x.float().unflatten(-1, (-1, group_size))
+    lo, hi = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+    scale_h = ((hi - lo) / (2**bits - 1)).to(torch.float16).float()
+    zero_shift = FP16_HALF_ULP * lo.abs() + FP16_MIN_SUBNORMAL
+    scale_shift = FP16_HALF_ULP * (hi - lo)
+    fp32_noise = 4 * 2.0**-24 * groups.abs().amax(-1, keepdim=True)
+    return (scale_h / 2 + zero_shift + scale_shift + fp32_noise).expand_as(groups).flatten(-2)
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("bits", QUANT_BITS)
+@pytest.mark.parametrize("magnitude", [1e-3, 1.0, 300.0])
+def test_error_within_half_a_step(bits, group_size, magnitude):
+    x = torch.randn(64, 128) * magnitude + torch.randn(64, 1) * magnitude
+    x_hat = kvformat.fake_quantize(x, bits, group_size)
+    assert ((x_hat - x).abs() <= error_bound(x, bits, group_size)).all()
+
+
+@pytest.mark.parametrize("bits", QUANT_BITS)
+def test_constant_and_zero_groups_are_exact(bits):
+    x = torch.zeros(3, 64)
+    x[1] = 0.3125  # fp16-representable: the zero stores it exactly
+    x[2, :32] = -7.5
+    x_hat = kvformat.fake_quantize(x, bits, 32)
+    assert torch.isfinite(x_hat).all()
+    assert torch.equal(x_hat, x)
+    codes, scale, _ = kvformat.quantize(x, bits, 32)
+    assert (codes == 0).all() and (scale == 0).all()
+
+
+@pytest.mark.parametrize("bits", QUANT_BITS)
+def test_large_magnitudes_stay_finite(bits):
+    """Beyond fp16 the zero and the scale clamp to +-65504: finite, if no longer accurate."""
+    x = torch.tensor([[1e30, -1e30] * 16, [6e4, -6e4] * 16, [65504.0] * 31 + [-65504.0]])
+    x_hat = kvformat.fake_quantize(x, bits, 32)
+    assert torch.isfinite(x_hat).all()
+    assert ((x_hat[1:] - x[1:]).abs() <= error_bound(x[1:], bits, 32)).all()
+
+
+@pytest.mark.parametrize("bits", QUANT_BITS)
+@pytest.mark.parametrize("dtype", kvformat.SUPPORTED_DTYPES, ids=str)
+def test_encode_decode_matches_fake_quantize(bits, dtype):
+    x = torch.randn(10, 64).to(dtype)
+    code, params = kvformat.encode(x, bits, 32)
+    assert code.shape == (10, kvformat.code_bytes(bits, 64, dtype))
+    assert params.shape == (10, kvformat.param_bytes(bits, 64, 32))
+    assert torch.equal(kvformat.decode(code, params, bits, 32, dtype).to(dtype), kvformat.fake_quantize(x, bits, 32))
+
+
+def test_sixteen_bits_round_trip_is_exact():
+    x = torch.randn(5, 64, dtype=torch.bfloat16)
+    code, params = kvformat.encode(x, 16, 64)
+    assert params.numel() == 0
+    assert torch.equal(kvformat.decode(code, params, 16, 64, torch.bfloat16), x.float())
+
+
+@pytest.mark.parametrize(
+    "key_bits,value_bits,head_size,group_size,expected_bytes",
+    [(4, 4, 64, 64, 72), (4, 2, 64, 64, 56), (8, 4, 64, 64, 104), (16, 16, 64, 64, 256),
+     (2, 2, 128, 32, 96), (8, 16, 128, 128, 388)],
+)
+def test_bytes_per_token(key_bits, value_bits, head_size, group_size, expected_bytes):
+    fmt = kvformat.LayerFormat(key_bits, value_bits, head_size, group_size, torch.bfloat16)
+    assert fmt.bytes_per_token == expected_bytes
+
+
+def test_compression_and_plane_offsets():
+    fmt = kvformat.LayerFormat(4, 4, 64, 64, torch.bfloat16)
+    assert fmt.compression == pytest.approx(256 / 72)
+    assert round(fmt.compression, 2) == 3.56
+    # planar per (block, head): 16 x 32 B key codes, 16 x 4 B key params, 16 x 32 B value codes, params
+    assert fmt.plane_offsets(16) == (0, 512, 576, 1088)
+    assert fmt.plane_offsets(16)[3] + 16 * fmt.value_param_bytes == 16 * fmt.bytes_per_token
+
+
+def test_sixteen_bit_page_is_a_stock_bf16_page():
+    """A 16/16 layer is byte-identical to vLLM's CPU page [B, H, N, 2D]: K plane, then V plane."""
+    fmt = kvformat.LayerFormat(16, 16, 64, 64, torch.bfloat16)
+    key = torch.randn(16, 2, 64, dtype=torch.bfloat16)
+    value = torch.randn(16, 2, 64, dtype=torch.bfloat16)
+    cache = torch.zeros(fmt.cache_shape(1, 2, 16), dtype=torch.uint8)
+    kvformat.quantize_and_cache_ref(key, value, cache, torch.arange(16), fmt)
+    planes = cache.view(torch.bfloat16).view(1, 2, 2, 16, 64)  # [B, H, K|V, N, D]
+    assert torch.equal(planes[0, :, 0], key.transpose(0, 1))
+    assert torch.equal(planes[0, :, 1], value.transpose(0, 1))
+
+
+@pytest.mark.parametrize(
+    "head_size,group_size,message",
+    [(64, 48, "unsupported group size"), (96, 64, "does not divide"), (72, 32, "multiple of 16")],
+)
+def test_invalid_formats_are_rejected(head_size, group_size, message):
+    with pytest.raises(ValueError, match=message):
+        kvformat.LayerFormat(4, 4, head_size, group_size)
+    with pytest.raises(ValueError, match="unsupported bit width"):
+        kvformat.LayerFormat(3, 4, 64, 64)
