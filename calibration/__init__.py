@@ -2,8 +2,9 @@
 
 Pipeline (one module per step): data -> capture -> sensitivity -> pruning -> clustering ->
 search -> evaluate -> report; `pipeline` runs them with resumable caches, `cli` is the command.
+Importing the package is light (no torch), so `kvtuner-calibrate --help` and argument errors are instant.
 """
 
-from calibration.common import CANDIDATE_PAIRS, CalibrationError
+from calibration.errors import CalibrationError
 
-__all__ = ["CANDIDATE_PAIRS", "CalibrationError"]
+__all__ = ["CalibrationError"]

@@ -36,7 +36,7 @@ def capture_qkv(model, windows: torch.Tensor, batch_size: int = 4) -> list[Layer
         for batch in tqdm(windows.split(batch_size), desc="capture K/V/Q", unit="batch", leave=False):
             model.get_decoder()(batch.to(device), use_cache=False)
     return [
-        LayerQKV(*(torch.cat(parts) for parts in zip(*stored[i])), scaling=float(modules[i].scaling))
+        LayerQKV(*(torch.cat(parts) for parts in zip(*stored[i], strict=True)), scaling=float(modules[i].scaling))
         for i in range(len(modules))
     ]
 
@@ -61,7 +61,7 @@ class Replay:
     def logits_from(self, model, start: int) -> torch.Tensor:
         """Logits when layers start.. run again (with whatever hooks are set) from the stored input of `start`."""
         hidden = self.inputs[start]
-        for layer, kwargs in zip(decoder_layers(model)[start:], self.kwargs[start:]):
+        for layer, kwargs in zip(decoder_layers(model)[start:], self.kwargs[start:], strict=True):
             out = layer(hidden, **kwargs)
             hidden = out[0] if isinstance(out, tuple) else out
         return model.lm_head(model.get_decoder().norm(hidden))

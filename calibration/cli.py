@@ -14,14 +14,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from calibration.common import CalibrationError
+from calibration.errors import CalibrationError
+from calibration.options import Options, check_options
 
 COMMANDS = ("import-preset", "export-preset", "show")
 
 
 def calibrate_parser() -> argparse.ArgumentParser:
-    from calibration.pipeline import Options
-
     d = Options(model_dir="", budget=0, out_dir="")
     p = argparse.ArgumentParser(
         prog="kvtuner-calibrate",
@@ -70,6 +69,15 @@ def maps_parser() -> argparse.ArgumentParser:
 
 
 def run_maps(args: argparse.Namespace) -> None:
+    from kvtuner_vllm.precision_map import PrecisionMapError
+
+    try:
+        _run_maps(args)
+    except PrecisionMapError as err:
+        raise CalibrationError(str(err)) from None
+
+
+def _run_maps(args: argparse.Namespace) -> None:
     from kvtuner_vllm.precision_map import PrecisionMap
 
     if args.command == "import-preset":
@@ -101,17 +109,17 @@ def show(loaded, args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kvtuner_vllm.precision_map import PrecisionMapError
-
     argv = sys.argv[1:] if argv is None else argv
     try:
         if argv and argv[0] in COMMANDS:
             run_maps(maps_parser().parse_args(argv))
         else:
-            from calibration.pipeline import Options, Run
+            opts = Options(**vars(calibrate_parser().parse_args(argv)))
+            check_options(opts)  # before the heavy imports: a bad budget fails at once
+            from calibration.pipeline import Run
 
-            Run(Options(**vars(calibrate_parser().parse_args(argv)))).run()
-    except (CalibrationError, PrecisionMapError) as err:
+            Run(opts).run()
+    except CalibrationError as err:
         print(f"kvtuner-calibrate: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -20,6 +20,13 @@ def profiles(table: torch.Tensor) -> np.ndarray:
     return np.log10(np.clip(table.double().numpy(), FLOOR, None))
 
 
+def profile_table(kl: torch.Tensor, attention_error: torch.Tensor) -> torch.Tensor:
+    """What to cluster on: the single-layer KL (what the search sums) of the pairs measured on every
+    layer (pruning leaves NaN elsewhere), else the attention error, which is complete."""
+    everywhere = ~kl.isnan().any(0) & (kl.abs().sum(0) > 0)  # measured on all layers, and not KV16's zeros
+    return kl[:, everywhere] if int(everywhere.sum()) >= 2 else attention_error[:, 1:]
+
+
 def cluster_layers(table: torch.Tensor, num_groups: int) -> list[int]:
     """Group label per layer (0.., numbered by first layer) from Ward clustering of the profiles."""
     num_layers = table.shape[0]

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+from calibration.errors import CalibrationError
 from kvtuner_vllm.precision_map import LayerPrecision
 
-
-class CalibrationError(Exception):
-    """Bad input or an unsupported model: the CLI prints the message on one line and exits non-zero."""
+__all__ = ["CANDIDATE_PAIRS", "REFERENCE_PAIR", "SEARCH_PAIRS", "CalibrationError", "pair", "pair_bits"]
 
 
 def pair(key_bits: int, value_bits: int) -> LayerPrecision:

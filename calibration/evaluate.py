@@ -43,7 +43,7 @@ class Evaluator:
     def _scores(self, logits: Iterable[torch.Tensor]) -> Scores:
         kl = nll = 0.0
         count = 0
-        for batch, ref, out in zip(self.batches, self.reference, logits):
+        for batch, ref, out in zip(self.batches, self.reference, logits, strict=True):
             targets = batch[:, 1:]
             nll += F.cross_entropy(out.flatten(0, 1).float(), targets.flatten(), reduction="sum").item()
             kl += ref.kl(out).sum().item()

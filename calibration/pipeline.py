@@ -5,51 +5,17 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from calibration import capture, clustering, data, evaluate, model as model_io, pruning, report, search, sensitivity
+from calibration import capture, clustering, data, evaluate, pruning, report, search, sensitivity
+from calibration import model as model_io
 from calibration.cache import StepCache, digest, file_digest
 from calibration.common import CANDIDATE_PAIRS, SEARCH_PAIRS, CalibrationError, pair_bits
+from calibration.options import Options, check_options
 from kvtuner_vllm.precision_map import LayerPrecision
-
-MIN_BUDGET, MAX_BUDGET = 2.0, 16.0
-
-
-@dataclass
-class Options:
-    model_dir: str
-    budget: float
-    out_dir: str
-    text: list[str] = field(default_factory=list)
-    group_size: int = 64
-    tokens: int = 1024  # calibration tokens (attention error, verification)
-    heldout_tokens: int = 1024
-    sensitivity_tokens: int = 256  # tokens of the per-layer KL pass (layers x pairs reruns)
-    seq_len: int = 256
-    groups: int = 8
-    verify: int = 6  # front points checked with real forward passes
-    seed: int = 0
-    device: str = "cpu"
-    dtype: str | None = None
-    batch_size: int = 4
-    generations: int = 150
-    pop_size: int = 96
-    threads: int | None = None  # CPU threads; None: the cores not already busy (see cpu_threads)
-
-
-def check_options(opts: Options) -> None:
-    if not MIN_BUDGET <= opts.budget <= MAX_BUDGET:
-        raise CalibrationError(
-            f"--budget {opts.budget}: must be between {MIN_BUDGET:g} (KV2 everywhere) and {MAX_BUDGET:g} (unquantized)"
-        )
-    for name in ("tokens", "heldout_tokens", "sensitivity_tokens", "seq_len", "groups", "verify", "batch_size"):
-        if getattr(opts, name) < 1:
-            raise CalibrationError(f"--{name.replace('_', '-')} must be at least 1")
-    if opts.sensitivity_tokens > opts.tokens:
-        raise CalibrationError("--sensitivity-tokens cannot exceed --tokens (it uses the first calibration windows)")
 
 
 def cpu_threads() -> int:
@@ -106,7 +72,7 @@ class Run:
         kl = self.cache.get("kl-sensitivity", kl_key, lambda: self._timed(
             "KL sensitivity", lambda: self._kl_table(model, sens_windows, kept)), _log)
 
-        labels = clustering.cluster_layers(attn[:, 1:], opts.groups)  # KV16's zero error says nothing
+        labels = clustering.cluster_layers(clustering.profile_table(kl, attn), opts.groups)
         candidates = clustering.group_candidates(kl, labels, kept, self.bits)
         front = search.search(kl, self.bits, labels, candidates, opts.budget, opts.seed, opts.pop_size,
                               opts.generations)

@@ -10,14 +10,13 @@ import torch
 
 def pareto_indices(bits: Sequence[float], errors: Sequence[float]) -> list[int]:
     """Indices of the non-dominated (bits, error) points, both minimized; exact ties keep the first."""
-    keep = []
-    for i, (b, e) in enumerate(zip(bits, errors)):
-        dominated = any(
-            (bj <= b and ej <= e) and (bj < b or ej < e or j < i) for j, (bj, ej) in enumerate(zip(bits, errors)) if j != i
-        )
-        if not dominated:
-            keep.append(i)
-    return keep
+    points = list(zip(bits, errors, strict=True))
+
+    def dominates(j: int, i: int) -> bool:
+        (bj, ej), (b, e) = points[j], points[i]
+        return bj <= b and ej <= e and (bj < b or ej < e or j < i)
+
+    return [i for i in range(len(points)) if not any(dominates(j, i) for j in range(len(points)) if j != i)]
 
 
 def prune(table: torch.Tensor, bits: Sequence[float]) -> list[list[int]]:

@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from calibration.common import CANDIDATE_PAIRS  # noqa: E402
+from calibration.common import CANDIDATE_PAIRS, pair, pair_bits  # noqa: E402
 from calibration.model import ModelInfo  # noqa: E402
 from calibration.search import FrontPoint  # noqa: E402
 from kvtuner_vllm.precision_map import LayerPrecision, PrecisionMap, compact_ranges  # noqa: E402
@@ -183,6 +183,31 @@ def target_check(result: Result) -> list[str]:
     return lines
 
 
+def diagnosis(result: Result) -> list[str]:
+    """Facts from this run that bound what any map under the budget can reach (for when a target is missed)."""
+    lines = []
+    k4v8, k8v4 = result.heldout["K4V8"], result.heldout["K8V4"]
+    keys_dominate = k4v8["kl"] > k8v4["kl"]
+    side, other = ("keys", "values") if keys_dominate else ("values", "keys")
+    lines.append(
+        f"- {side.capitalize()} dominate the error: uniform K4V8 has held-out KL {k4v8['kl']:.4f}, K8V4 "
+        f"{k8v4['kl']:.4f} (both 6 bits); 4-bit {side} cost far more than 4-bit {other}."
+    )
+    rich = min((p for p in CANDIDATE_PAIRS if (p.key_bits if keys_dominate else p.value_bits) == 8), key=pair_bits)
+    lines.append(
+        f"- The cheapest pair with 8-bit {side} is {rich.label} ({pair_bits(rich):g} bits): under a "
+        f"{result.opts['budget']:g}-bit budget most layers must take 4-bit or 2-bit {side}."
+    )
+    column = result.kl[:, list(result.pairs).index(pair(4, 4))]
+    if not column.isnan().any() and float(column.min()) > 0:
+        lines.append(
+            f"- Single-layer KL of KV4 ranges {float(column.min()):.4f}-{float(column.max()):.4f} across layers "
+            f"(max/min {float(column.max() / column.min()):.1f}x): the flatter this profile, the less a layer-wise "
+            "map gains over a uniform one of the same size."
+        )
+    return lines
+
+
 def markdown(result: Result) -> str:
     info, opts = result.info, result.opts
     chosen_map = precision_map(result)
@@ -199,6 +224,10 @@ def markdown(result: Result) -> str:
         for r in _front_rows(result) if "heldout_kl" in r
     )
     summary = chosen_map.summary(info.head_dim, info.num_kv_heads, info.dtype)
+    checks = target_check(result)
+    why = ""
+    if any("NOT" in line for line in checks):
+        why = "\nWhat bounds the result on this model (measured in this run):\n" + "\n".join(diagnosis(result)) + "\n"
     return f"""# KV precision calibration: {info.name}
 
 Budget {opts['budget']:g} average bits, group size {opts['group_size']}, seed {opts['seed']}, {opts['device']}
@@ -216,8 +245,8 @@ layer's K/V fake-quantized by `kvtuner_vllm.format.fake_quantize` (what the serv
 {chr(10).join(rows)}
 
 Targets:
-{chr(10).join(target_check(result))}
-
+{chr(10).join(checks)}
+{why}
 ## Chosen map
 
 ```

@@ -68,8 +68,8 @@ def search(
     candidates: Sequence[Sequence[int]],
     budget: float,
     seed: int,
-    pop_size: int = 96,
-    generations: int = 150,
+    pop_size: int = 128,
+    generations: int = 200,
 ) -> list[FrontPoint]:
     """The feasible Pareto front (sorted by bits, one point per distinct map)."""
     # Unmeasured pairs (pruned before the KL pass) are NaN in `loss`; the candidates never use them.
@@ -87,6 +87,7 @@ def search(
         return []
     x = np.atleast_2d(result.X)
     points = {}
-    for layers, (avg_bits, surrogate) in zip(problem.layer_pairs(x), np.atleast_2d(result.F)):
-        points[tuple(int(p) for p in layers)] = FrontPoint(tuple(int(p) for p in layers), float(avg_bits), float(surrogate))
+    for layers, (avg_bits, surrogate) in zip(problem.layer_pairs(x), np.atleast_2d(result.F), strict=True):
+        key = tuple(int(p) for p in layers)
+        points[key] = FrontPoint(key, float(avg_bits), float(surrogate))
     return sorted(points.values(), key=lambda p: (p.avg_bits, p.surrogate))

@@ -77,7 +77,9 @@ def user_options(additional_config: dict | None) -> dict[str, Any]:
         )
     group_size = options.get("group_size")
     if group_size is not None and not isinstance(group_size, int):
-        raise PrecisionMapError(f'--additional-config "{CONFIG_KEY}": group_size must be an integer, got {group_size!r}')
+        raise PrecisionMapError(
+            f'--additional-config "{CONFIG_KEY}": group_size must be an integer, got {group_size!r}'
+        )
     return options
 
 

@@ -123,7 +123,9 @@ def _route(original, selected_backend, attn_selector_config, num_heads=None):
     ]
     for flag, what in refused:
         if flag:
-            raise UnsupportedConfigError(f"--kv-cache-dtype {DTYPE} does not support {what}; serve with --kv-cache-dtype auto")
+            raise UnsupportedConfigError(
+                f"--kv-cache-dtype {DTYPE} does not support {what}; serve with --kv-cache-dtype auto"
+            )
     return backend_path()
 
 

@@ -18,8 +18,8 @@ from kvtuner_vllm.map_resolution import (
     resolve,
     user_options,
 )
-from kvtuner_vllm.precision_map import PrecisionMapError
 from kvtuner_vllm.plugin import DTYPE, UnsupportedConfigError
+from kvtuner_vllm.precision_map import PrecisionMapError
 
 logger = logging.getLogger("vllm.kvtuner")
 

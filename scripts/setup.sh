@@ -108,22 +108,32 @@ if [ "$KVTUNER_DEVICE" = cpu ] && [ "${have[vllm]}" != "$SHIM_VERSION" ]; then
 fi
 
 # -- 5. this project, built in place ----------------------------------------------------------------
-build_hash="$( {
+# Two hashes: the install (pyproject.toml, setup.py, torch) and the kernel sources (csrc/). A new install
+# hash reinstalls (`pip install -e`); new sources only rebuild the extension incrementally in build/.
+install_hash="$( {
     echo "device=$KVTUNER_DEVICE torch=${have[torch]} vllm=$VLLM_VERSION"
-    sha256sum pyproject.toml setup.py
-    find csrc -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' -o -name '*.hpp' \) \
-        -print0 | sort -z | xargs -0 -r sha256sum
+    cat pyproject.toml setup.py
 } | sha256sum | cut -d' ' -f1)"
-so_present() { compgen -G "kvtuner_vllm/_C*.so" >/dev/null; }
-if [ "$(cat "$STAMP" 2>/dev/null)" != "$build_hash" ] || [ -z "${have[kvtuner-vllm]}" ] || ! so_present; then
-    jobs="${MAX_JOBS:-$(nproc)}"
-    log "building kvtuner-vllm (pip install -e '.[test]' --no-build-isolation, MAX_JOBS=$jobs)"
+src_hash="$(find csrc -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' -o -name '*.hpp' \) \
+    -print0 | sort -z | xargs -0 -r sha256sum | sha256sum | cut -d' ' -f1)"
+read -r stamp_install stamp_src < "$STAMP" 2>/dev/null || true
+jobs="${MAX_JOBS:-$(nproc)}"
+t0=$SECONDS
+if [ "${stamp_install:-}" != "$install_hash" ] || [ -z "${have[kvtuner-vllm]}" ]; then
+    log "installing kvtuner-vllm (pip install -e '.[test]' --no-build-isolation, MAX_JOBS=$jobs)"
     rm -f "$STAMP"
-    t0=$SECONDS
     MAX_JOBS="$jobs" pip_install --no-build-isolation -e ".[test]"
+    built=1
+elif [ "${stamp_src:-}" != "$src_hash" ] || ! compgen -G "kvtuner_vllm/_C*.so" >/dev/null; then
+    log "rebuilding the kernels (setup.py build_ext --inplace, incremental, MAX_JOBS=$jobs)"
+    rm -f "$STAMP"
+    MAX_JOBS="$jobs" "$PY" setup.py -q build_ext --inplace 2>&1 | { grep -vE "Warning|^\s*!!|^\s*\*+$|^\s*$" || true; }
+    built=1
+fi
+if [ -n "${built:-}" ]; then
     # The kernels' own loader: imports kvtuner_vllm._C and checks the torch it was built against.
     "$PY" -c "from kvtuner_vllm.ops import load_kernels; load_kernels()"
-    echo "$build_hash" > "$STAMP"
+    echo "$install_hash $src_hash" > "$STAMP"
     log "built in $((SECONDS - t0)) s"
 fi
 

@@ -130,36 +130,102 @@ KVT_INLINE void encode_head(const void* src, ElemType type, int bits, int head_s
 }
 
 // ---------------------------------------------------------------------------------------
-// Dequantizer: code and param bytes of consecutive tokens of one plane -> fp32 [n][D].
-//
-// The fp32 tile holds each run of 32 channels in *storage order* rather than channel order:
-// for 4 bits the 16 low nibbles of the run's 16 bytes, then the 16 high nibbles; for 2 bits
-// the four 2-bit lanes of its 8 bytes one after another. Unpacking is then plain
-// elementwise code that vectorizes without shuffles. The query rows are permuted the same
-// way (a dot product does not care about the order) and the value accumulators are put
-// back in channel order once per work item. A run never straddles two groups (G % 32 == 0).
+// Vector types (GCC/clang vector extensions): 16 floats are one AVX-512 register; the
+// AVX2 and baseline clones split them into 2 or 4 registers.
 // ---------------------------------------------------------------------------------------
 
-constexpr int kRunChannels = 32;
+typedef float Vec16 __attribute__((vector_size(64)));
+typedef float Vec8 __attribute__((vector_size(32)));
+typedef float Vec4 __attribute__((vector_size(16)));
+typedef int32_t Int16 __attribute__((vector_size(64)));
+typedef uint8_t Bytes16 __attribute__((vector_size(16)));
+constexpr int kLanes = 16;
 
-// Tile position of channel `c` for codes of `bits` bits. A head size that is an odd
-// multiple of 16 (80) ends with a run of 16 channels, laid out the same way.
+KVT_INLINE Vec16 load16(const float* p) {
+  Vec16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+KVT_INLINE void store16(float* p, Vec16 v) { std::memcpy(p, &v, sizeof(v)); }
+
+KVT_INLINE Vec4 fold_to_4(Vec16 v) {
+  const Vec8 half = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                    __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  return __builtin_shufflevector(half, half, 0, 1, 2, 3) + __builtin_shufflevector(half, half, 4, 5, 6, 7);
+}
+
+// The four horizontal sums of a0..a3, as one vector.
+KVT_INLINE Vec4 horizontal_sums(Vec16 a0, Vec16 a1, Vec16 a2, Vec16 a3) {
+  const Vec4 x0 = fold_to_4(a0), x1 = fold_to_4(a1), x2 = fold_to_4(a2), x3 = fold_to_4(a3);
+  const Vec4 y0 = __builtin_shufflevector(x0, x1, 0, 4, 2, 6) + __builtin_shufflevector(x0, x1, 1, 5, 3, 7);
+  const Vec4 y1 = __builtin_shufflevector(x2, x3, 0, 4, 2, 6) + __builtin_shufflevector(x2, x3, 1, 5, 3, 7);
+  return __builtin_shufflevector(y0, y1, 0, 1, 4, 5) + __builtin_shufflevector(y0, y1, 2, 3, 6, 7);
+}
+
+KVT_INLINE float horizontal_sum(Vec16 v) {
+  const Vec4 x = fold_to_4(v);
+  return (x[0] + x[2]) + (x[1] + x[3]);
+}
+
+// ---------------------------------------------------------------------------------------
+// Dequantizer: code and param bytes of consecutive tokens of one plane -> fp32 [n][D].
+//
+// The fp32 tile holds each run of 16 code bytes in *storage order* rather than channel
+// order: lane j of every byte first (for 4 bits the 16 low nibbles, then the 16 high ones;
+// for 2 bits four vectors of 2-bit lanes). Unpacking is then elementwise vector code with
+// no shuffles. The query rows are permuted the same way (a dot product does not care
+// about the order) and the value accumulators are put back in channel order once per work
+// item. A run is 16, 32 or 64 channels; each half of it lies in one group (G >= 32), so
+// the scale and zero vectors are [group of the first half] x 8, [group of the second] x 8.
+// A shorter last run (head sizes like 80, 96) is laid out the same way with fewer bytes.
+// ---------------------------------------------------------------------------------------
+
+constexpr int kRunBytes = 16;
+
+// Tile position of channel `c` for codes of `bits` bits.
 KVT_INLINE int tile_position(int bits, int head_size, int c) {
   if (bits > 8) return c;
-  const int base = c / kRunChannels * kRunChannels;
-  const int run_channels = base + kRunChannels <= head_size ? kRunChannels : kRunChannels / 2;
-  const int per_byte = 8 / bits, run_bytes = run_channels / per_byte, w = c - base;
+  const int per_byte = 8 / bits, run_channels = kRunBytes * per_byte;
+  const int base = c / run_channels * run_channels, w = c - base;
+  const int run_bytes = std::min(run_channels, head_size - base) / per_byte;
   return base + (w % per_byte) * run_bytes + w / per_byte;
 }
 
-template <int kBits, int kChannels>
-KVT_INLINE void dequantize_run(const uint8_t* __restrict codes, float scale, float zero, float* __restrict out) {
-  constexpr int kBytes = kChannels * kBits / 8;
+KVT_INLINE float param_at(const uint8_t* params, int group, int which) {
+  return half_to_float(load_u16(params + group * kParamBytesPerGroup + 2 * which));
+}
+
+template <int kBits>
+KVT_INLINE void dequantize_full_run(const uint8_t* __restrict codes, const uint8_t* params, int base,
+                                    int group_size, float* __restrict out) {
   constexpr int kPerByte = 8 / kBits;
-  constexpr uint32_t kMask = (1u << kBits) - 1;
+  constexpr int kHalfChannels = kRunBytes * kPerByte / 2;
+  const int g0 = base / group_size, g1 = (base + kHalfChannels) / group_size;
+  const float scale0 = param_at(params, g0, 0), zero0 = param_at(params, g0, 1);
+  const float scale1 = param_at(params, g1, 0), zero1 = param_at(params, g1, 1);
+  const Vec16 scale = {scale0, scale0, scale0, scale0, scale0, scale0, scale0, scale0,
+                       scale1, scale1, scale1, scale1, scale1, scale1, scale1, scale1};
+  const Vec16 zero = {zero0, zero0, zero0, zero0, zero0, zero0, zero0, zero0,
+                      zero1, zero1, zero1, zero1, zero1, zero1, zero1, zero1};
+  Bytes16 bytes;
+  std::memcpy(&bytes, codes, sizeof(bytes));
   for (int j = 0; j < kPerByte; ++j) {
-    for (int i = 0; i < kBytes; ++i) {
-      out[j * kBytes + i] = float((uint32_t(codes[i]) >> (j * kBits)) & kMask) * scale + zero;
+    const Bytes16 lane = (bytes >> (j * kBits)) & uint8_t((1u << kBits) - 1);
+    const Vec16 value = __builtin_convertvector(__builtin_convertvector(lane, Int16), Vec16);
+    store16(out + j * kLanes, value * scale + zero);
+  }
+}
+
+template <int kBits>
+KVT_INLINE void dequantize_short_run(const uint8_t* __restrict codes, const uint8_t* params, int base,
+                                     int run_bytes, int group_size, float* __restrict out) {
+  constexpr int kPerByte = 8 / kBits;
+  for (int j = 0; j < kPerByte; ++j) {
+    for (int i = 0; i < run_bytes; ++i) {
+      const int group = (base + i * kPerByte) / group_size;
+      const float code = float((codes[i] >> (j * kBits)) & ((1u << kBits) - 1));
+      out[j * run_bytes + i] = code * param_at(params, group, 0) + param_at(params, group, 1);
     }
   }
 }
@@ -167,22 +233,21 @@ KVT_INLINE void dequantize_run(const uint8_t* __restrict codes, float scale, flo
 template <int kBits>
 KVT_INLINE void dequantize_tokens(const uint8_t* codes, const uint8_t* params, int num_tokens, int head_size,
                                   int group_size, float* __restrict out) {
-  const int code_bytes = head_size * kBits / 8;
-  const int num_groups = head_size / group_size;
-  const int full_runs = head_size / kRunChannels;
+  constexpr int kPerByte = 8 / kBits;
+  constexpr int kRunChannels = kRunBytes * kPerByte;
+  const int code_bytes = head_size / kPerByte;
+  const int param_bytes = head_size / group_size * kParamBytesPerGroup;
   for (int t = 0; t < num_tokens; ++t) {
     const uint8_t* token_codes = codes + int64_t(t) * code_bytes;
-    const uint8_t* token_params = params + int64_t(t) * num_groups * kParamBytesPerGroup;
+    const uint8_t* token_params = params + int64_t(t) * param_bytes;
     float* token_out = out + int64_t(t) * head_size;
-    for (int c = 0; c < head_size; c += kRunChannels) {
-      const int g = c / group_size;  // a run never straddles groups: G is a multiple of 32 or D
-      const float scale = half_to_float(load_u16(token_params + g * kParamBytesPerGroup));
-      const float zero = half_to_float(load_u16(token_params + g * kParamBytesPerGroup + 2));
-      if (c / kRunChannels < full_runs) {
-        dequantize_run<kBits, kRunChannels>(token_codes + c * kBits / 8, scale, zero, token_out + c);
-      } else {
-        dequantize_run<kBits, kRunChannels / 2>(token_codes + c * kBits / 8, scale, zero, token_out + c);
-      }
+    int base = 0;
+    for (; base + kRunChannels <= head_size; base += kRunChannels) {
+      dequantize_full_run<kBits>(token_codes + base / kPerByte, token_params, base, group_size, token_out + base);
+    }
+    if (base < head_size) {
+      dequantize_short_run<kBits>(token_codes + base / kPerByte, token_params, base, (head_size - base) / kPerByte,
+                                  group_size, token_out + base);
     }
   }
 }
@@ -228,11 +293,54 @@ KVT_INLINE float exp_nonpositive(float x) {
   return e * bits_float(uint32_t(int32_t(n) + 127) << 23);
 }
 
-KVT_INLINE float dot(const float* __restrict a, const float* __restrict b, int n) {
-  float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-  for (int i = 0; i < n; ++i) sum += a[i] * b[i];
-  return sum;
+// The micro-kernels below are templated on kVecs = D / 16 so that a row of q or of the
+// output accumulator lives in registers; kVecs = 0 is the generic version for other D.
+#define KVT_VECS(kVecs, head_size) ((kVecs) > 0 ? (kVecs) : (head_size) / kLanes)
+constexpr int kMaxVecs = 16;  // D <= 256
+
+// scores[j] = q . keys[j] for `count` tokens; four tokens at a time for independent FMA chains.
+template <int kVecs>
+KVT_INLINE void score_keys(const float* __restrict q, const float* __restrict keys, int count, int head_size,
+                           float* __restrict scores) {
+  const int vecs = KVT_VECS(kVecs, head_size);
+  Vec16 qv[kVecs > 0 ? kVecs : kMaxVecs];
+  for (int k = 0; k < vecs; ++k) qv[k] = load16(q + k * kLanes);
+  int j = 0;
+  for (; j + 4 <= count; j += 4) {
+    const float* k0 = keys + int64_t(j) * head_size;
+    Vec16 a0 = qv[0] * load16(k0), a1 = qv[0] * load16(k0 + head_size);
+    Vec16 a2 = qv[0] * load16(k0 + 2 * head_size), a3 = qv[0] * load16(k0 + 3 * head_size);
+    for (int k = 1; k < vecs; ++k) {
+      const int d = k * kLanes;
+      a0 += qv[k] * load16(k0 + d);
+      a1 += qv[k] * load16(k0 + head_size + d);
+      a2 += qv[k] * load16(k0 + 2 * head_size + d);
+      a3 += qv[k] * load16(k0 + 3 * head_size + d);
+    }
+    const Vec4 sums = horizontal_sums(a0, a1, a2, a3);
+    std::memcpy(scores + j, &sums, sizeof(sums));
+  }
+  for (; j < count; ++j) {
+    const float* key = keys + int64_t(j) * head_size;
+    Vec16 a = qv[0] * load16(key);
+    for (int k = 1; k < vecs; ++k) a += qv[k] * load16(key + k * kLanes);
+    scores[j] = horizontal_sum(a);
+  }
+}
+
+// acc = acc * correction + sum_j weights[j] * values[j], the accumulator held in registers.
+template <int kVecs>
+KVT_INLINE void accumulate_values(const float* __restrict weights, int count, const float* __restrict values,
+                                  int head_size, float correction, float* __restrict acc) {
+  const int vecs = KVT_VECS(kVecs, head_size);
+  Vec16 av[kVecs > 0 ? kVecs : kMaxVecs];
+  for (int k = 0; k < vecs; ++k) av[k] = load16(acc + k * kLanes) * correction;
+  for (int j = 0; j < count; ++j) {
+    const float w = weights[j];
+    const float* v = values + int64_t(j) * head_size;
+    for (int k = 0; k < vecs; ++k) av[k] += w * load16(v + k * kLanes);
+  }
+  for (int k = 0; k < vecs; ++k) store16(acc + k * kLanes, av[k]);
 }
 
 // Per-thread working memory of one work item, reused across items.
@@ -281,15 +389,16 @@ KVT_INLINE void visible_keys(const AttentionProblem& p, int position, int* begin
 }
 
 // Online-softmax update of one row with the scores of `count` consecutive keys.
+template <int kVecs>
 KVT_INLINE void accumulate_row(float* __restrict scores, int count, const float* __restrict values,
                                int head_size, float* __restrict acc, float* row_max, float* row_sum) {
   float chunk_max = kNegInf;
 #pragma omp simd reduction(max : chunk_max)
   for (int j = 0; j < count; ++j) chunk_max = std::max(chunk_max, scores[j]);
+  float correction = 1.0f;
   if (chunk_max > *row_max) {
-    const float correction = *row_max == kNegInf ? 0.0f : exp_nonpositive(*row_max - chunk_max);
+    correction = *row_max == kNegInf ? 0.0f : exp_nonpositive(*row_max - chunk_max);
     *row_sum *= correction;
-    for (int d = 0; d < head_size; ++d) acc[d] *= correction;
     *row_max = chunk_max;
   }
   const float m = *row_max;
@@ -300,10 +409,36 @@ KVT_INLINE void accumulate_row(float* __restrict scores, int count, const float*
     chunk_sum += scores[j];
   }
   *row_sum += chunk_sum;
-  for (int j = 0; j < count; ++j) {
-    const float weight = scores[j];
-    const float* v = values + int64_t(j) * head_size;
-    for (int d = 0; d < head_size; ++d) acc[d] += weight * v[d];
+  accumulate_values<kVecs>(scores, count, values, head_size, correction, acc);
+}
+
+// The key loop of a work item: dequantize each chunk of K and V once, then update every
+// query row that sees part of it.
+template <int kVecs>
+KVT_INLINE void attend_chunks(const AttentionProblem& p, const WorkItem& item, int rows, int chunk,
+                              const PlaneSide& key_side, const PlaneSide& value_side, Scratch& s) {
+  const int head_size = p.head_size;
+  const int32_t* blocks = p.block_table + int64_t(item.seq) * p.block_table_stride;
+  for (int first = item.key_begin; first < item.key_end;) {
+    const int offset = first % p.block_size;
+    const int count = std::min({chunk, p.block_size - offset, item.key_end - first});
+    const uint8_t* plane =
+        p.cache + int64_t(blocks[first / p.block_size]) * p.cache_stride_block + item.kv_head * p.cache_stride_head;
+    dequantize_plane(plane, key_side, p.dtype, offset, count, head_size, p.group_size, s.keys.data());
+    dequantize_plane(plane, value_side, p.dtype, offset, count, head_size, p.group_size, s.values.data());
+    for (int r = 0; r < rows; ++r) {
+      const int begin = std::max(first, s.row_begin[r]);
+      const int end = std::min(first + count, s.row_end[r]);
+      if (begin >= end) continue;
+      score_keys<kVecs>(s.query.data() + int64_t(r) * head_size, s.keys.data() + int64_t(begin - first) * head_size,
+                        end - begin, head_size, s.scores.data());
+      if (p.softcap > 0.0f) {
+        for (int j = 0; j < end - begin; ++j) s.scores[j] = std::tanh(s.scores[j] * p.scale / p.softcap) * p.softcap;
+      }
+      accumulate_row<kVecs>(s.scores.data(), end - begin, s.values.data() + int64_t(begin - first) * head_size,
+                            head_size, s.acc.data() + int64_t(r) * head_size, &s.max[r], &s.sum[r]);
+    }
+    first += count;
   }
 }
 
@@ -421,28 +556,13 @@ KVT_HOT void run_work_item(const AttentionProblem& p, const WorkItem& item, floa
   }
   std::fill(s.acc.begin(), s.acc.begin() + int64_t(rows) * head_size, 0.0f);
 
-  const int32_t* blocks = p.block_table + int64_t(item.seq) * p.block_table_stride;
-  for (int first = item.key_begin; first < item.key_end;) {
-    const int offset = first % p.block_size;
-    const int count = std::min({chunk, p.block_size - offset, item.key_end - first});
-    const uint8_t* plane =
-        p.cache + int64_t(blocks[first / p.block_size]) * p.cache_stride_block + item.kv_head * p.cache_stride_head;
-    dequantize_plane(plane, key_side, p.dtype, offset, count, head_size, p.group_size, s.keys.data());
-    dequantize_plane(plane, value_side, p.dtype, offset, count, head_size, p.group_size, s.values.data());
-    for (int r = 0; r < rows; ++r) {
-      const int begin = std::max(first, s.row_begin[r]);
-      const int end = std::min(first + count, s.row_end[r]);
-      if (begin >= end) continue;
-      const float* q = s.query.data() + int64_t(r) * head_size;
-      for (int j = begin; j < end; ++j) {
-        float score = dot(q, s.keys.data() + int64_t(j - first) * head_size, head_size);
-        if (p.softcap > 0.0f) score = std::tanh(score * p.scale / p.softcap) * p.softcap;
-        s.scores[j - begin] = score;
-      }
-      accumulate_row(s.scores.data(), end - begin, s.values.data() + int64_t(begin - first) * head_size, head_size,
-                     s.acc.data() + int64_t(r) * head_size, &s.max[r], &s.sum[r]);
-    }
-    first += count;
+  switch (head_size / kLanes) {
+    case 4: attend_chunks<4>(p, item, rows, chunk, key_side, value_side, s); break;
+    case 5: attend_chunks<5>(p, item, rows, chunk, key_side, value_side, s); break;
+    case 6: attend_chunks<6>(p, item, rows, chunk, key_side, value_side, s); break;
+    case 8: attend_chunks<8>(p, item, rows, chunk, key_side, value_side, s); break;
+    case 16: attend_chunks<16>(p, item, rows, chunk, key_side, value_side, s); break;
+    default: attend_chunks<0>(p, item, rows, chunk, key_side, value_side, s); break;
   }
 
   char* out = static_cast<char*>(p.out);

@@ -13,10 +13,11 @@ extern template void launch_paged_attention_typed<float>(const AttentionParams&,
 namespace {
 
 // Splitting the keys pays when few query rows leave the GPU idle (decode, speculative
-// decode); with longer queries the row tiles alone fill it and a split would only cost a
-// workspace of num_tokens * heads * partitions * head_size floats.
-constexpr int kSplitMaxQueryLen = 16;
+// decode, a short chunk next to decodes); with longer queries the row tiles alone fill it and
+// a split would only cost a workspace of num_tokens * heads * partitions * head_size floats.
+constexpr int kSplitMaxQueryLen = 32;
 constexpr int kPartitionLen = 512;  // 2 chunks: long enough to amortize the merge
+constexpr int64_t kMaxWorkspaceFloats = int64_t(64) << 20;  // 256 MiB; beyond it, no split
 
 }  // namespace
 
@@ -24,18 +25,19 @@ int64_t plan_attention(AttentionParams& p, int64_t num_tokens, int max_query_len
   const int group = p.num_q_heads / p.num_kv_heads;
   // tile_begin(num_seqs) <= num_tokens * group / kRows + num_seqs bounds the row tiles.
   p.num_row_tiles = num_tokens * group / kRows + p.num_seqs;
-  if (max_query_len > kSplitMaxQueryLen || max_seq_len <= kPartitionLen) {
-    p.num_partitions = 1;
-    p.partition_len = INT_MAX;
-    p.partial_out = nullptr;
-    p.partial_stats = nullptr;
-    return 0;
-  }
+  p.num_partitions = 1;
+  p.partition_len = INT_MAX;
+  p.partial_out = nullptr;
+  p.partial_stats = nullptr;
+  if (max_query_len > kSplitMaxQueryLen || max_seq_len <= kPartitionLen) return 0;
   int64_t len = kPartitionLen;
   while ((max_seq_len + len - 1) / len > kMaxPartitions) len *= 2;
+  const int64_t parts = (max_seq_len + len - 1) / len;
+  const int64_t workspace = num_tokens * p.num_q_heads * parts * (p.head_size + 2);
+  if (workspace > kMaxWorkspaceFloats) return 0;
   p.partition_len = int(len);
-  p.num_partitions = int((max_seq_len + len - 1) / len);
-  return num_tokens * p.num_q_heads * p.num_partitions * (p.head_size + 2);
+  p.num_partitions = int(parts);
+  return workspace;
 }
 
 bool attention_supported(int head_size, ElemType dtype) {

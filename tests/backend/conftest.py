@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import math
 import os
+import pydoc_data.topics
 import re
 import signal
 import socket
@@ -59,7 +61,7 @@ class Server:
         if not VLLM.exists():
             pytest.fail(f"{VLLM} is missing: run `bash scripts/setup.sh`")
         if not _plugin_installed():
-            pytest.fail("the kvtuner vLLM plugin is not installed (no vllm.general_plugins entry): run scripts/setup.sh")
+            pytest.fail("the kvtuner plugin is not installed (no vllm.general_plugins entry): run scripts/setup.sh")
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log
@@ -147,3 +149,57 @@ def write_map(path: Path, pairs: list[tuple[int, int]], group_size: int = 64, mo
 def kvtuner_args(map_path: Path) -> list[str]:
     return ["--kv-cache-dtype", "kvtuner", "--additional-config",
             json.dumps({"kvtuner": {"precision_map": str(map_path)}})]
+
+
+# Clear-margin completions: auto's greedy continuation has no near-tie in its first tokens.
+PROMPTS = [
+    "The capital of France is",
+    "The largest planet in the solar system is",
+    "def fibonacci(n):",
+    "One, two, three, four,",
+    "Monday, Tuesday, Wednesday,",
+    "The opposite of hot is",
+]
+GREEDY_TOKENS = 12
+# all-16 vs auto is compared up to auto's first near-tie: a top-2 log-prob gap under this many
+# nats, which bf16 rounding differences between two correct attention kernels can flip.
+CLEAR_MARGIN = 0.3
+MIN_HORIZON = 4
+# Teacher-forced text: ~400 tokens of English that ships with CPython.
+TEXT = pydoc_data.topics.topics["assert"][:1600]
+
+
+def greedy(server: Server, prompt: str) -> dict:
+    """Greedy tokens, and how many of them come before the first near-tie."""
+    logprobs = server.complete(prompt, max_tokens=GREEDY_TOKENS, logprobs=2)["logprobs"]
+    margins = [margin(top) for top in logprobs["top_logprobs"]]
+    horizon = next((i for i, m in enumerate(margins) if m < CLEAR_MARGIN), len(margins))
+    return {"tokens": logprobs["tokens"], "horizon": horizon}
+
+
+def margin(top: dict[str, float]) -> float:
+    best = sorted(top.values(), reverse=True)
+    return best[0] - best[1] if len(best) > 1 else math.inf
+
+
+def text_logprobs(server: Server) -> list[float]:
+    """Log-prob of each token of TEXT given its prefix (teacher forcing)."""
+    choice = server.complete(TEXT, max_tokens=1, prompt_logprobs=0, return_token_ids=True)
+    ids = choice["prompt_token_ids"]
+    out = []
+    for token_id, entry in zip(ids[1:], choice["prompt_logprobs"][1:], strict=True):
+        out.append(entry[str(token_id)]["logprob"])
+    return out
+
+@pytest.fixture(scope="session")
+def auto_reference(smollm2_dir, logs_dir):
+    """`--kv-cache-dtype auto` greedy outputs, teacher-forced log-probs and log, from one server."""
+    server = Server(smollm2_dir, [], logs_dir / "auto.log")
+    try:
+        return {
+            "greedy": {p: greedy(server, p) for p in PROMPTS},
+            "logprobs": text_logprobs(server),
+            "log": server.log(),
+        }
+    finally:
+        server.stop()

@@ -10,35 +10,19 @@
 from __future__ import annotations
 
 import math
-import pydoc_data.topics
 
 import pytest
-from conftest import Server, kvtuner_args, write_map
+from conftest import MIN_HORIZON, PROMPTS, Server, greedy, kvtuner_args, text_logprobs, write_map
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 NUM_LAYERS = 30
-# Clear-margin completions: auto's greedy continuation has no near-tie in its first tokens.
-PROMPTS = [
-    "The capital of France is",
-    "The largest planet in the solar system is",
-    "def fibonacci(n):",
-    "One, two, three, four,",
-    "The chemical symbol for gold is",
-    "Monday, Tuesday, Wednesday,",
-    "import numpy as",
-    "The opposite of hot is",
-]
-GREEDY_TOKENS = 16
 # Simple questions and a word the answer must contain.
 QUESTIONS = [
     ("The capital of France is", "Paris"),
     ("The largest planet in the solar system is", "Jupiter"),
     ("Monday, Tuesday, Wednesday,", "Thursday"),
 ]
-# Teacher-forced text: ~400 tokens of English that ships with CPython.
-TEXT = pydoc_data.topics.topics["assert"][:1600]
-
 MAPS = {
     "all16": [(16, 16)] * NUM_LAYERS,
     "kv8": [(8, 8)] * NUM_LAYERS,
@@ -51,34 +35,6 @@ MAPS = {
 #  ~4-bit KV moves each logit slightly, so greedy paths may fork late on a 135M model, but the
 #  teacher-forced distribution must stay close (a few % perplexity).
 THRESHOLDS = {"kv8": (0.9, 0.03, 1.01), "mixed": (0.6, 0.15, 1.10)}
-
-
-def greedy(server: Server, prompt: str) -> list[str]:
-    choice = server.complete(prompt, max_tokens=GREEDY_TOKENS, logprobs=0)
-    return choice["logprobs"]["tokens"]
-
-
-def text_logprobs(server: Server) -> list[float]:
-    """Log-prob of each token of TEXT given its prefix (teacher forcing)."""
-    choice = server.complete(TEXT, max_tokens=1, prompt_logprobs=0, return_token_ids=True)
-    ids = choice["prompt_token_ids"]
-    out = []
-    for token_id, entry in zip(ids[1:], choice["prompt_logprobs"][1:], strict=True):
-        out.append(entry[str(token_id)]["logprob"])
-    return out
-
-
-@pytest.fixture(scope="session")
-def auto_reference(smollm2_dir, logs_dir):
-    server = Server(smollm2_dir, [], logs_dir / "auto.log")
-    try:
-        return {
-            "greedy": {p: greedy(server, p) for p in PROMPTS},
-            "logprobs": text_logprobs(server),
-            "log": server.log(),
-        }
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module", params=list(MAPS))
@@ -99,7 +55,7 @@ def agreement(a: list[str], b: list[str]) -> float:
 
 def test_map_in_startup_log(kvtuner_server):
     log = kvtuner_server.log()
-    assert "kvtuner KV cache" in log and f"precision map: --additional-config precision_map" in log
+    assert "kvtuner KV cache" in log and "precision map: --additional-config precision_map" in log
 
 
 def test_greedy_and_logprobs_close_to_auto(kvtuner_server, auto_reference):
@@ -107,11 +63,15 @@ def test_greedy_and_logprobs_close_to_auto(kvtuner_server, auto_reference):
     ref_lp, lp = auto_reference["logprobs"], text_logprobs(kvtuner_server)
     mean_abs = sum(abs(a - b) for a, b in zip(ref_lp, lp, strict=True)) / len(lp)
     ppl_ratio = math.exp((sum(ref_lp) - sum(lp)) / len(lp))
-    mean_agree = sum(agreement(auto_reference["greedy"][p], got[p]) for p in PROMPTS) / len(PROMPTS)
+    ref = auto_reference["greedy"]
+    mean_agree = sum(agreement(ref[p]["tokens"], got[p]["tokens"]) for p in PROMPTS) / len(PROMPTS)
     print(f"{kvtuner_server.name}: greedy agreement {mean_agree:.3f}, mean |dlogprob| {mean_abs:.4f}, "
           f"perplexity ratio {ppl_ratio:.4f}")
     if kvtuner_server.name == "all16":
-        assert got == auto_reference["greedy"]
+        for p in PROMPTS:
+            horizon = ref[p]["horizon"]
+            assert horizon >= MIN_HORIZON, f"not a clear-margin prompt: {p!r}"
+            assert got[p]["tokens"][:horizon] == ref[p]["tokens"][:horizon], p
         return
     min_agree, max_abs, max_ratio = THRESHOLDS[kvtuner_server.name]
     assert mean_agree >= min_agree

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from calibration import data, model as model_io
+from calibration import data
+from calibration import model as model_io
 
 
 @pytest.fixture(scope="session")

@@ -51,8 +51,9 @@ def test_rerun_resumes_from_the_cache(calibrated, tiny_dir, capsys):
 
 def _error(argv, capsys) -> str:
     assert cli.main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]  # (transformers may draw a progress bar first)
-    assert err.startswith("kvtuner-calibrate: error:") and "Traceback" not in err
+    stderr = capsys.readouterr().err
+    err = stderr.strip().splitlines()[-1]  # (transformers may draw a progress bar first)
+    assert err.startswith("kvtuner-calibrate: error:") and "Traceback" not in stderr
     return err
 
 

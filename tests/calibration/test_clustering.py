@@ -22,3 +22,11 @@ def test_group_candidates_are_the_pareto_set_of_the_summed_error():
     kept = [[0, 1, 2, 3], [0, 2, 3]]
     # summed: 8->0.0, 6->0.4, 4->0.4, 2->1.8: 6 bits is dominated by 4 bits
     assert clustering.group_candidates(table, [0, 0], kept, bits) == [[0, 2, 3]]
+
+
+def test_profile_table_uses_the_kl_measured_everywhere():
+    nan = float("nan")
+    kl = torch.tensor([[0.0, 0.1, nan, 0.3], [0.0, 0.2, 0.25, 0.5]], dtype=torch.float64)
+    attention = torch.rand(2, 4, dtype=torch.float64)
+    assert torch.equal(clustering.profile_table(kl, attention), kl[:, [1, 3]])
+    assert torch.equal(clustering.profile_table(kl[:, :3], attention), attention[:, 1:])  # one column only

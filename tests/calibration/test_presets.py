@@ -24,7 +24,7 @@ def readme_avg_bits() -> dict[str, float]:
     for line in (PRESETS / "README.md").read_text().splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) == 6 and re.fullmatch(r"\d+", cells[1]):
-            for column, value in zip(columns, cells[2:]):
+            for column, value in zip(columns, cells[2:], strict=True):
                 table[f"{cells[0]}_{column}"] = float(value)
     return table
 

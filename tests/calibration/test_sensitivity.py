@@ -22,7 +22,8 @@ def test_kl_sensitivity_per_layer(tiny, windows):
     replay = capture.capture_replay(model, windows.calibration[:2])
     with torch.inference_mode():
         assert torch.equal(replay.logits_from(model, 0), model(windows.calibration[:2], use_cache=False).logits)
-    table = sensitivity.kl_sensitivity(model, replay, [KV16, KV8, KV2], 64, only=[[0, 1, 2]] * (info.num_layers - 1) + [[2]])
+    only = [[0, 1, 2]] * (info.num_layers - 1) + [[2]]
+    table = sensitivity.kl_sensitivity(model, replay, [KV16, KV8, KV2], 64, only=only)
     assert (table[:, 0][:-1] == 0).all()
     assert (table[:-1, 2] > table[:-1, 1]).all()  # KV2 hurts more than KV8 on every layer
     assert table[-1, :2].isnan().all() and table[-1, 2] > 0  # unmeasured pairs stay NaN

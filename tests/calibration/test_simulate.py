@@ -57,4 +57,5 @@ def test_quantized_applies_the_served_quantizer_to_the_chosen_layers_only(tiny, 
             expected = model(ids, use_cache=False, output_hidden_states=True).hidden_states
     assert torch.equal(quantized[1], base[1])  # layer 0 is untouched
     assert not torch.equal(quantized[2], base[2])  # layer 1 is quantized ...
-    assert all(torch.equal(q, e) for q, e in zip(quantized, expected))  # ... with format.fake_quantize, exactly
+    # ... with format.fake_quantize, exactly
+    assert all(torch.equal(q, e) for q, e in zip(quantized, expected, strict=True))

@@ -192,7 +192,7 @@ __device__ void softmax_chunk(AttentionShared<kHeadSize>& sh, int n) {
   const float new_max = fmaxf(old_max, chunk_max);
   float s = 0.0f;
   for (int i = tid / kRows; i < n; i += kStride) {
-    const float e = new_max == -INFINITY ? 0.0f : __expf(sh.logits[i][r] - new_max);
+    const float e = new_max == -INFINITY ? 0.0f : expf(sh.logits[i][r] - new_max);
     sh.logits[i][r] = e;
     s += e;
   }
@@ -204,7 +204,7 @@ __device__ void softmax_chunk(AttentionShared<kHeadSize>& sh, int n) {
     float chunk_sum = 0.0f;
 #pragma unroll
     for (int w = 0; w < kAttnWarps; ++w) chunk_sum += sh.red_sum[w][tid];
-    const float alpha = old_max == -INFINITY ? 0.0f : __expf(old_max - new_max);
+    const float alpha = old_max == -INFINITY ? 0.0f : expf(old_max - new_max);
     sh.row_sum[tid] = sh.row_sum[tid] * alpha + chunk_sum;
     sh.row_max[tid] = new_max;
     sh.row_alpha[tid] = alpha;
@@ -426,7 +426,7 @@ __global__ void __launch_bounds__(kReduceThreads) reduce_partitions_kernel(const
     for (int offset = 1; offset < kWarpSize; offset *= 2) m = fmaxf(m, __shfl_xor_sync(kFullMask, m, offset));
     float denominator = 0.0f;
     for (int i = threadIdx.x; i < parts; i += kWarpSize) {
-      const float w = stats[2 * i] == -INFINITY ? 0.0f : __expf(stats[2 * i] - m);
+      const float w = stats[2 * i] == -INFINITY ? 0.0f : expf(stats[2 * i] - m);
       weight[i] = w;
       denominator += w * stats[2 * i + 1];
     }

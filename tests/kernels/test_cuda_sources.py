@@ -1,0 +1,28 @@
+"""Source rules of csrc/cuda that keep the CUDA build cheap and the kernels testable without a
+GPU: kernel bodies and kernel .cu files never include torch (they compile in seconds, and
+test_cuda_emulated.py builds them with g++ alone); only launchers.cu does, and never through
+<ATen/cuda/CUDAContext.h>, which does not compile without cuBLAS/cuSPARSE headers."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+CUDA_DIR = Path(__file__).resolve().parents[2] / "csrc" / "cuda"
+TORCH_INCLUDE = re.compile(r"^\s*#\s*include\s*[<\"](torch|ATen|c10)/", re.MULTILINE)
+LAUNCHERS = {"launchers.cu"}
+
+
+def sources() -> list[Path]:
+    return sorted(p for p in CUDA_DIR.rglob("*") if p.suffix in {".cu", ".cuh", ".h"})
+
+
+def test_only_the_launchers_include_torch():
+    offenders = [str(p.relative_to(CUDA_DIR)) for p in sources()
+                 if p.name not in LAUNCHERS and TORCH_INCLUDE.search(p.read_text())]
+    assert not offenders, f"torch headers outside {LAUNCHERS}: {offenders}"
+
+
+def test_no_cuda_context_header():
+    pattern = re.compile(r"^\s*#\s*include\s*[<\"]ATen/cuda/CUDAContext\.h", re.MULTILINE)
+    assert not [p.name for p in sources() if pattern.search(p.read_text())]
