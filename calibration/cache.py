@@ -31,8 +31,11 @@ class StepCache:
     def __init__(self, out_dir: str | Path):
         self.root = Path(out_dir) / ".cache"
 
+    def path(self, step: str, key: str) -> Path:
+        return self.root / f"{step}-{key}.pt"
+
     def get(self, step: str, key: str, compute: Callable[[], Any], log: Callable[[str], None] = print) -> Any:
-        path = self.root / f"{step}-{key}.pt"
+        path = self.path(step, key)
         if path.exists():
             log(f"[{step}] cached ({path.name})")
             return torch.load(path, weights_only=False)

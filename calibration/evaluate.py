@@ -51,5 +51,7 @@ class Evaluator:
         return Scores(kl / count, nll / count, math.exp(nll / count))
 
     def evaluate(self, layers: Sequence[LayerPrecision], group_size: int) -> Scores:
+        if all((p.key_bits, p.value_bits) == (16, 16) for p in layers):
+            return self.unquantized
         with simulate.quantized(self.model, list(layers), group_size), torch.inference_mode():
             return self._scores(self._logits(batch) for batch in self.batches)

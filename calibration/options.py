@@ -20,7 +20,7 @@ class Options:
     heldout_tokens: int = 1024
     sensitivity_tokens: int = 256  # tokens of the per-layer KL pass (layers x pairs reruns)
     seq_len: int = 256
-    groups: int = 8
+    groups: int = 16
     verify: int = 6  # front points checked with real forward passes
     seed: int = 0
     device: str = "cpu"

@@ -135,17 +135,22 @@ class Run:
         maps = {"unquantized": [SEARCH_PAIRS[0]] * info.num_layers}
         maps.update({p.label: [p] * info.num_layers for p in CANDIDATE_PAIRS})
         maps.update({_map_name(v["layers"]): [SEARCH_PAIRS[i] for i in v["layers"]] for v in verified})
-        key = digest(measure_key, sorted((name, [p.label for p in layers]) for name, layers in maps.items()))
-        return self.cache.get("heldout", key, lambda: self._score_maps(model, windows, maps), _log)
+        evaluator = None  # built on the first map not in the cache (its reference pass costs one forward)
 
-    def _score_maps(self, model, windows, maps: dict[str, list[LayerPrecision]]) -> dict:
-        evaluator = evaluate.Evaluator(model, windows, self.opts.batch_size)
-        scores = {"unquantized": {**evaluator.unquantized.as_dict(), "avg_bits": 16.0}}
-        for name in report.progress([n for n in maps if n != "unquantized"], "held-out evaluation"):
-            layers = maps[name]
+        def score(layers: list[LayerPrecision]) -> dict:
+            nonlocal evaluator
+            evaluator = evaluator or evaluate.Evaluator(model, windows, self.opts.batch_size)
             bits = sum(pair_bits(p) for p in layers) / len(layers)
-            scores[name] = {**evaluator.evaluate(layers, self.opts.group_size).as_dict(), "avg_bits": bits}
-        return scores
+            return {**evaluator.evaluate(layers, self.opts.group_size).as_dict(), "avg_bits": bits}
+
+        # One cache entry per map, so a run at another budget re-scores only its own front maps.
+        keys = {name: digest(measure_key, [p.label for p in layers]) for name, layers in maps.items()}
+        cached = sum(self.cache.path("heldout", key).exists() for key in keys.values())
+        _log(f"[heldout] cached {cached} of {len(maps)} maps")
+        return {
+            name: self.cache.get("heldout", keys[name], lambda layers=layers: score(layers), lambda _: None)
+            for name, layers in report.progress(list(maps.items()), "held-out evaluation")
+        }
 
 
 def _map_name(layers: list[int]) -> str:

@@ -52,11 +52,35 @@ class GroupChoiceProblem(Problem):
         out["G"] = (avg_bits - self.budget)[:, None]
 
 
+def greedy_path(problem: GroupChoiceProblem) -> list[np.ndarray]:
+    """Marginal-gain allocation: from every group's cheapest pair, repeatedly take the upgrade that removes
+    the most loss per added bit. Each step is a good map at its size; seeding NSGA-II with them makes the
+    front near any budget good from the first generation (the random rest keeps it exploring)."""
+    sizes = np.bincount(problem.labels, minlength=len(problem.candidates))
+    group_bits = [problem.bits[c] * sizes[g] for g, c in enumerate(problem.candidates)]
+    group_loss = [problem.loss[problem.labels == g][:, c].sum(0) for g, c in enumerate(problem.candidates)]
+    x = np.array([int(np.argmin(b)) for b in group_bits])
+    path = [x.copy()]
+    while True:
+        best = None  # (loss change per bit, group, choice)
+        for g in range(len(x)):
+            added = group_bits[g] - group_bits[g][x[g]]
+            removed = group_loss[g] - group_loss[g][x[g]]
+            for j in np.flatnonzero((added > 0) & (removed < 0)):
+                if best is None or removed[j] / added[j] < best[0]:
+                    best = (removed[j] / added[j], g, j)
+        if best is None:
+            return path
+        x[best[1]] = best[2]
+        path.append(x.copy())
+
+
 def initial_population(problem: GroupChoiceProblem, size: int, rng: np.random.Generator) -> np.ndarray:
-    """Random choices plus the 'same rank in every group' maps (all cheapest ... all richest), so the
-    uniform-like corners of the space are there from the first generation."""
+    """The greedy path's maps within the budget, the 'same rank in every group' maps (uniform-like
+    corners), and random choices for the rest."""
     upper = problem.xu.astype(int)
-    rows = [np.minimum(rank, upper) for rank in range(int(upper.max()) + 1)]
+    greedy = [x for x in greedy_path(problem) if problem.bits[problem.layer_pairs(x[None])].mean() <= problem.budget]
+    rows = greedy[-size // 2 :] + [np.minimum(rank, upper) for rank in range(int(upper.max()) + 1)]
     rows += [rng.integers(0, upper + 1) for _ in range(max(0, size - len(rows)))]
     return np.array(rows[:size], dtype=float)
 

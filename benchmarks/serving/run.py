@@ -4,7 +4,7 @@
 memory-bound setting (KV space too small for `auto` to hold the concurrent requests) and an
 ample-memory one. One server at a time; each is killed (its process group) before the next.
 
-    python benchmarks/serving/run.py --quick      # ~15 min on 2 CPU cores
+    python benchmarks/serving/run.py --quick      # ~15 min on 2 idle CPU cores
     python benchmarks/serving/run.py              # more requests
 
 Writes benchmarks/results/serving-<device>.json and .png (output tok/s, req/s, TTFT/TPOT p50/p99).
@@ -138,8 +138,8 @@ def main() -> int:
     parser.add_argument("--only", nargs="*", help="config names to run (default: all)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
-    args.input_len, args.output_len = (128, 64) if args.quick else (256, 128)
-    args.num_prompts, args.concurrency = (48, 24) if args.quick else (128, 32)
+    args.input_len, args.output_len = (128, 32) if args.quick else (256, 128)
+    args.num_prompts, args.concurrency = (24, 12) if args.quick else (128, 32)
     if args.model is None:
         from kvtuner_vllm.smollm2 import materialize
 
@@ -148,9 +148,9 @@ def main() -> int:
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    # memory-bound: bf16 needs ~23 KB/token for SmolLM2, so 48 MiB holds ~2k tokens, under the
-    # 24-32 concurrent requests' 4.6-12k; a ~4-bit cache holds ~3.5x as many. ample: 1 GiB.
-    settings = {"memory-bound": 48 * MiB if args.quick else 96 * MiB, "ample": 1024 * MiB}
+    # memory-bound: bf16 needs 23 KB/token for SmolLM2, so 24 MiB holds 1k tokens (96 MiB: 4k), under
+    # the concurrent requests' 12 x 160 (32 x 384 = 12k) tokens; a ~4-bit cache holds ~3.5x as many.
+    settings = {"memory-bound": 24 * MiB if args.quick else 96 * MiB, "ample": 1024 * MiB}
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="kvtuner-bench-"))
     names = configs(device, work, num_layers)

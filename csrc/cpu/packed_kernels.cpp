@@ -182,6 +182,7 @@ KVT_INLINE float horizontal_sum(Vec16 v) {
 // ---------------------------------------------------------------------------------------
 
 constexpr int kRunBytes = 16;
+constexpr int kMaxGroups = 8;  // D <= 256, G >= 32
 
 // Tile position of channel `c` for codes of `bits` bits.
 KVT_INLINE int tile_position(int bits, int head_size, int c) {
@@ -192,22 +193,27 @@ KVT_INLINE int tile_position(int bits, int head_size, int c) {
   return base + (w % per_byte) * run_bytes + w / per_byte;
 }
 
-KVT_INLINE float param_at(const uint8_t* params, int group, int which) {
-  return half_to_float(load_u16(params + group * kParamBytesPerGroup + 2 * which));
-}
+// One token's scales and zeros as floats, converted once for all its runs.
+struct TokenParams {
+  float scale[kMaxGroups], zero[kMaxGroups];
+
+  KVT_INLINE void load(const uint8_t* params, int num_groups) {
+    for (int g = 0; g < num_groups; ++g) {
+      scale[g] = half_to_float(load_u16(params + g * kParamBytesPerGroup));
+      zero[g] = half_to_float(load_u16(params + g * kParamBytesPerGroup + 2));
+    }
+  }
+};
 
 template <int kBits>
-KVT_INLINE void dequantize_full_run(const uint8_t* __restrict codes, const uint8_t* params, int base,
+KVT_INLINE void dequantize_full_run(const uint8_t* __restrict codes, const TokenParams& params, int base,
                                     int group_size, float* __restrict out) {
   constexpr int kPerByte = 8 / kBits;
   constexpr int kHalfChannels = kRunBytes * kPerByte / 2;
   const int g0 = base / group_size, g1 = (base + kHalfChannels) / group_size;
-  const float scale0 = param_at(params, g0, 0), zero0 = param_at(params, g0, 1);
-  const float scale1 = param_at(params, g1, 0), zero1 = param_at(params, g1, 1);
-  const Vec16 scale = {scale0, scale0, scale0, scale0, scale0, scale0, scale0, scale0,
-                       scale1, scale1, scale1, scale1, scale1, scale1, scale1, scale1};
-  const Vec16 zero = {zero0, zero0, zero0, zero0, zero0, zero0, zero0, zero0,
-                      zero1, zero1, zero1, zero1, zero1, zero1, zero1, zero1};
+  const Int16 second_half = {0, 0, 0, 0, 0, 0, 0, 0, -1, -1, -1, -1, -1, -1, -1, -1};
+  const Vec16 scale = second_half ? Vec16{} + params.scale[g1] : Vec16{} + params.scale[g0];
+  const Vec16 zero = second_half ? Vec16{} + params.zero[g1] : Vec16{} + params.zero[g0];
   Bytes16 bytes;
   std::memcpy(&bytes, codes, sizeof(bytes));
   for (int j = 0; j < kPerByte; ++j) {
@@ -218,14 +224,14 @@ KVT_INLINE void dequantize_full_run(const uint8_t* __restrict codes, const uint8
 }
 
 template <int kBits>
-KVT_INLINE void dequantize_short_run(const uint8_t* __restrict codes, const uint8_t* params, int base,
+KVT_INLINE void dequantize_short_run(const uint8_t* __restrict codes, const TokenParams& params, int base,
                                      int run_bytes, int group_size, float* __restrict out) {
   constexpr int kPerByte = 8 / kBits;
   for (int j = 0; j < kPerByte; ++j) {
     for (int i = 0; i < run_bytes; ++i) {
       const int group = (base + i * kPerByte) / group_size;
       const float code = float((codes[i] >> (j * kBits)) & ((1u << kBits) - 1));
-      out[j * run_bytes + i] = code * param_at(params, group, 0) + param_at(params, group, 1);
+      out[j * run_bytes + i] = code * params.scale[group] + params.zero[group];
     }
   }
 }
@@ -239,8 +245,9 @@ KVT_INLINE void dequantize_tokens(const uint8_t* codes, const uint8_t* params, i
   const int param_bytes = head_size / group_size * kParamBytesPerGroup;
   for (int t = 0; t < num_tokens; ++t) {
     const uint8_t* token_codes = codes + int64_t(t) * code_bytes;
-    const uint8_t* token_params = params + int64_t(t) * param_bytes;
     float* token_out = out + int64_t(t) * head_size;
+    TokenParams token_params;
+    token_params.load(params + int64_t(t) * param_bytes, head_size / group_size);
     int base = 0;
     for (; base + kRunChannels <= head_size; base += kRunChannels) {
       dequantize_full_run<kBits>(token_codes + base / kPerByte, token_params, base, group_size, token_out + base);

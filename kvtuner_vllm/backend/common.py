@@ -90,7 +90,7 @@ class KVTunerMetadata(AttentionMetadata):
 class KVTunerMetadataBuilder(AttentionMetadataBuilder[KVTunerMetadata]):
     """The kernels take vLLM's common metadata as is: nothing to precompute."""
 
-    def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:  # abstract in the base
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
@@ -125,9 +125,16 @@ class KVTunerAttentionImpl(AttentionImpl[KVTunerMetadata]):
         logits_soft_cap: float | None = None,
         attn_type: str = AttentionType.DECODER,
         kv_sharing_target_layer_name: str | None = None,
+        **extra_impl_args,
     ) -> None:
+        # Model-specific extras (attention sinks, chunked-attention lookback, ...) change the math.
+        unsupported = sorted(name for name, value in extra_impl_args.items() if value is not None)
+        if unsupported:
+            raise UnsupportedConfigError(f"--kv-cache-dtype {DTYPE} does not support attention with {unsupported}")
         if alibi_slopes is not None:
             raise UnsupportedConfigError(f"--kv-cache-dtype {DTYPE} does not support ALiBi attention")
+        if kv_sharing_target_layer_name is not None:  # it would read another layer's packed format
+            raise UnsupportedConfigError(f"--kv-cache-dtype {DTYPE} does not support cross-layer KV sharing")
         if attn_type != AttentionType.DECODER:
             raise UnsupportedConfigError(f"--kv-cache-dtype {DTYPE} does not support {attn_type} attention")
         self.num_heads = num_heads

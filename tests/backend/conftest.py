@@ -27,7 +27,6 @@ import pytest
 
 VLLM = Path(sys.executable).parent / "vllm"
 START_TIMEOUT_S = 420
-BLOCK_SIZE = 128  # vLLM CPU's default
 
 
 def _plugin_installed() -> bool:
@@ -151,11 +150,11 @@ def kvtuner_args(map_path: Path) -> list[str]:
             json.dumps({"kvtuner": {"precision_map": str(map_path)}})]
 
 
-# Clear-margin completions: auto's greedy continuation has no near-tie in its first tokens.
+# Clear-margin completions: auto's greedy continuation has no near-tie in its first tokens
+# ("def fibonacci(n):" was dropped: a near-tie on its second token).
 PROMPTS = [
     "The capital of France is",
     "The largest planet in the solar system is",
-    "def fibonacci(n):",
     "One, two, three, four,",
     "Monday, Tuesday, Wednesday,",
     "The opposite of hot is",

@@ -13,7 +13,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from conftest import (
-    BLOCK_SIZE,
     CLEAR_MARGIN,
     TEXT,
     Server,
@@ -26,10 +25,11 @@ from conftest import (
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 NUM_LAYERS = 30
-# Tiny on purpose: 3 blocks of 128 tokens hold ~3 of the requests below, so running 6 at once
-# forces vLLM to preempt and later recompute some of them.
-NUM_BLOCKS = 3
-MAX_MODEL_LEN = 256
+# Tiny on purpose: 8 blocks of 32 tokens. Six requests each grow to 3 blocks (a ~15-token prompt
+# plus 64 tokens), so once they are all running vLLM must preempt some and recompute them later.
+BLOCK = 32
+NUM_BLOCKS = 8
+MAX_MODEL_LEN = 192  # fits the 7 usable blocks (vLLM keeps one null block)
 PREEMPT_PROMPTS = [
     "Write a short story about a cat who learns to fly.",
     "List the planets of the solar system and describe each one.",
@@ -44,7 +44,8 @@ PREEMPT_TOKENS = 64
 @pytest.fixture(scope="module")
 def k4v4_server(smollm2_dir, logs_dir, tmp_path_factory):
     path = write_map(tmp_path_factory.mktemp("maps") / "k4v4.json", [(4, 4)] * NUM_LAYERS)
-    args = kvtuner_args(path) + ["--num-gpu-blocks-override", str(NUM_BLOCKS), "--max-model-len", str(MAX_MODEL_LEN)]
+    args = kvtuner_args(path) + ["--block-size", str(BLOCK), "--num-gpu-blocks-override", str(NUM_BLOCKS),
+                                 "--max-model-len", str(MAX_MODEL_LEN)]
     server = Server(smollm2_dir, args, logs_dir / "kvtuner-k4v4.log")
     yield server
     server.stop()
@@ -54,7 +55,7 @@ def test_k4v4_capacity_at_least_3_4x_auto(k4v4_server, auto_reference):
     """vLLM logs the block count the 1 GiB KV space gives before applying the override."""
     match = re.search(r"Overriding num_gpu_blocks=(\d+) with", k4v4_server.log())
     assert match, "no 'Overriding num_gpu_blocks' line in the kvtuner server log"
-    kvtuner_tokens = int(match[1]) * BLOCK_SIZE
+    kvtuner_tokens = int(match[1]) * BLOCK
     auto_tokens = logged_capacity_tokens(auto_reference["log"])
     print(f"KV capacity in 1 GiB: auto {auto_tokens:,} tokens, kvtuner K4V4 {kvtuner_tokens:,} tokens "
           f"({kvtuner_tokens / auto_tokens:.2f}x)")
@@ -125,11 +126,11 @@ def test_disconnects_and_aborts_free_every_block(k4v4_server):
 def test_prefix_cache_hit_and_parallel_sampling(k4v4_server):
     """A repeated prompt reuses its packed blocks (prefix cache) and continues as the first did;
     n > 1 forks one packed prefix into several sequences."""
-    prompt = "Here is a passage from the Python documentation. " + TEXT[:600]
+    prompt = "Here is a passage from the Python documentation. " + TEXT[:400]
     before = k4v4_server.metrics().get("vllm:prefix_cache_hits_total", 0)
     first = _run(k4v4_server, prompt, max_tokens=16)
     second = _run(k4v4_server, prompt, max_tokens=16)
-    assert k4v4_server.metrics().get("vllm:prefix_cache_hits_total", 0) - before >= BLOCK_SIZE
+    assert k4v4_server.metrics().get("vllm:prefix_cache_hits_total", 0) - before >= BLOCK
     horizon = next((i for i, m in enumerate(first["margins"]) if m < CLEAR_MARGIN), 16)
     assert second["tokens"][:horizon] == first["tokens"][:horizon]
     body = {"model": "model", "prompt": "Once upon a time", "max_tokens": 8, "n": 3, "temperature": 0.8,

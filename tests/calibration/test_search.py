@@ -48,3 +48,14 @@ def test_groups_share_a_choice():
     for p in front:
         for group in range(3):
             assert len({p.layers[i] for i, g in enumerate(labels) if g == group}) == 1
+
+
+def test_greedy_path_grows_bits_and_lowers_loss():
+    loss = _table()
+    labels = list(range(loss.shape[0]))
+    problem = search.GroupChoiceProblem(loss.numpy(), np.asarray(BITS), labels, [list(range(len(BITS)))] * 12, 16.0)
+    path = [problem.layer_pairs(x[None])[0] for x in search.greedy_path(problem)]
+    bits = [np.mean([BITS[i] for i in p]) for p in path]
+    losses = [sum(loss[layer, i].item() for layer, i in enumerate(p)) for p in path]
+    assert bits[0] == 2.0 and all(b1 > b0 for b0, b1 in zip(bits, bits[1:], strict=False))
+    assert all(l1 < l0 for l0, l1 in zip(losses, losses[1:], strict=False))
