@@ -9,6 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from calibration import simulate
+from calibration.errors import CalibrationError
 
 
 @dataclass
@@ -45,8 +46,6 @@ def decoder_layers(model) -> torch.nn.ModuleList:
     """The decoder's layer list (model.model.layers in every supported family)."""
     layers = getattr(model.get_decoder(), "layers", None)
     if not isinstance(layers, torch.nn.ModuleList) or len(layers) != model.config.num_hidden_layers:
-        from calibration.common import CalibrationError
-
         raise CalibrationError(f"unsupported architecture {type(model).__name__}: no decoder layer list found")
     return layers
 

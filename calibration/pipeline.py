@@ -14,7 +14,7 @@ from calibration import capture, clustering, data, evaluate, pruning, report, se
 from calibration import model as model_io
 from calibration.cache import StepCache, digest, file_digest
 from calibration.common import CANDIDATE_PAIRS, SEARCH_PAIRS, CalibrationError, pair_bits
-from calibration.options import Options, check_options
+from calibration.options import MAX_BUDGET, Options, check_options
 from kvtuner_vllm.precision_map import LayerPrecision
 
 
@@ -79,17 +79,20 @@ class Run:
         _log(f"[search] {len(front)} front points, {max(labels) + 1} layer groups")
         if not front:
             raise CalibrationError(f"no map fits --budget {opts.budget}")
+        # The surrogate front past the budget too (seconds, no forward pass): the plot shows what more bits buy.
+        whole = search.search(kl, self.bits, labels, candidates, MAX_BUDGET, opts.seed, opts.pop_size,
+                              opts.generations)
 
         search_key = digest(kl_key, opts.groups, opts.budget, opts.pop_size, opts.generations, opts.verify)
         verified = self.cache.get("verify", search_key, lambda: self._timed(
-            "verify front (calibration)", lambda: self._verify(model, split.calibration, front, info)), _log)
+            "verify front (calibration)", lambda: self._verify(model, split.calibration, front)), _log)
         chosen = min(verified, key=lambda v: (v["calibration"]["kl"], v["avg_bits"]))
 
         heldout = self._timed("held-out evaluation", lambda: self._heldout(model, split.heldout, verified, info,
                                                                          measure_key))
         result = report.Result(
             opts=asdict(opts), info=info, pairs=SEARCH_PAIRS, attention_error=attn, kl=kl, kept=kept, labels=labels,
-            candidates=candidates, front=front, verified=verified, chosen=chosen, heldout=heldout,
+            candidates=candidates, front=front, whole_front=whole, verified=verified, chosen=chosen, heldout=heldout,
             tokens={"calibration": split.calibration.numel(), "heldout": split.heldout.numel(),
                     "sensitivity": sens_windows.numel()},
             wall_s=time.perf_counter() - start,
@@ -119,7 +122,7 @@ class Run:
     def _layers(self, point: search.FrontPoint) -> list[LayerPrecision]:
         return [SEARCH_PAIRS[p] for p in point.layers]
 
-    def _verify(self, model, windows, front: list[search.FrontPoint], info) -> list[dict]:
+    def _verify(self, model, windows, front: list[search.FrontPoint]) -> list[dict]:
         """Real calibration KL/PPL of the front points nearest the budget (the pick) and a spread below it."""
         chosen = _spread(front, self.opts.verify)
         evaluator = evaluate.Evaluator(model, windows, self.opts.batch_size)

@@ -22,7 +22,8 @@ from kvtuner_vllm.precision_map import LayerPrecision
 
 
 def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
-    """Causal GQA attention in float32 (queries see their own keys, as in the served cache)."""
+    """Causal GQA attention in float32 (queries see their own keys, as in the served cache). No sliding
+    window: calibration windows (--seq-len, 256) are far shorter than any supported model's window."""
     groups = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     return F.scaled_dot_product_attention(query.float(), key.float(), value.float(), is_causal=True, scale=scaling)

@@ -4,6 +4,8 @@
 # generated c10/cuda/impl/cuda_cmake_macros.h, so a one-line stand-in goes into a
 # build-only include directory (see /work/shared/design/cuda-without-gpu.md).
 # Usage: bash scripts/compile_cuda.sh [file.cu ...]   (default: all of csrc/cuda/*.cu)
+# COMPILE_JOBS (default: the CPU count) files compile at once; nvcc's output is shown
+# only for files that fail. Exits non-zero if any file fails.
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -14,6 +16,7 @@ if [[ -z "${VIRTUAL_ENV:-}" && -f .venv/bin/activate ]]; then
 fi
 NVCC="${NVCC:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}"
 [[ -x "$NVCC" ]] || { echo "compile_cuda: nvcc not found" >&2; exit 1; }
+jobs_max="${COMPILE_JOBS:-$(nproc)}"
 
 read -r torch_include python_include < <(python - <<'PY'
 import os, sysconfig, torch
@@ -35,19 +38,38 @@ flags=(
   -Xcompiler -fPIC
 )
 
+# Sets cpu_seconds to the CPU time of this (sub)shell's finished children. `times` must run
+# in the shell itself (a command substitution is a fresh subshell), so it goes via a file.
+measure_cpu() {
+  local file="$build/times.$BASHPID"
+  times > "$file"
+  cpu_seconds=$(awk 'NR == 2 { s = 0; for (i = 1; i <= 2; i++) { split($i, t, "m"); s += t[1] * 60 + t[2] }
+                               printf "%.0f", s }' "$file")
+}
+
+# Runs in a background subshell: `times` there counts only this file's nvcc.
+compile_one() {
+  local src=$1 name start=$SECONDS
+  name="$(basename "$src" .cu)"
+  if "$NVCC" "${flags[@]}" "$src" -o "$build/$name.o" > "$build/$name.log" 2>&1; then
+    measure_cpu
+    echo "compile_cuda: ok   $src ($((SECONDS - start)) s wall, $cpu_seconds s cpu)"
+  else
+    cat "$build/$name.log" >&2
+    echo "compile_cuda: FAIL $src ($((SECONDS - start)) s wall)" >&2
+    touch "$build/$name.failed"
+  fi
+}
+
 if (($#)); then sources=("$@"); else sources=(csrc/cuda/*.cu); fi
 [[ -e "${sources[0]}" ]] || { echo "compile_cuda: no .cu files under csrc/cuda" >&2; exit 1; }
 
-failed=0
 total_start=$SECONDS
 for src in "${sources[@]}"; do
-  start=$SECONDS
-  if "$NVCC" "${flags[@]}" "$src" -o "$build/$(basename "$src" .cu).o"; then
-    echo "compile_cuda: ok   $src ($((SECONDS - start)) s)"
-  else
-    echo "compile_cuda: FAIL $src ($((SECONDS - start)) s)" >&2
-    failed=1
-  fi
+  while (($(jobs -rp | wc -l) >= jobs_max)); do wait -n || true; done
+  compile_one "$src" &
 done
-echo "compile_cuda: ${#sources[@]} file(s) in $((SECONDS - total_start)) s"
-exit "$failed"
+wait
+measure_cpu
+echo "compile_cuda: ${#sources[@]} file(s) in $((SECONDS - total_start)) s wall, $cpu_seconds s cpu, $jobs_max job(s)"
+if compgen -G "$build/*.failed" > /dev/null; then exit 1; fi

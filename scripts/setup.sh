@@ -116,7 +116,8 @@ install_hash="$( {
 } | sha256sum | cut -d' ' -f1)"
 src_hash="$(find csrc -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' -o -name '*.hpp' \) \
     -print0 | sort -z | xargs -0 -r sha256sum | sha256sum | cut -d' ' -f1)"
-read -r stamp_install stamp_src < "$STAMP" 2>/dev/null || true
+stamp_install="" stamp_src=""
+[ ! -f "$STAMP" ] || read -r stamp_install stamp_src < "$STAMP" || true
 jobs="${MAX_JOBS:-$(nproc)}"
 t0=$SECONDS
 if [ "${stamp_install:-}" != "$install_hash" ] || [ -z "${have[kvtuner-vllm]}" ]; then

@@ -198,7 +198,7 @@ def test_readme_starts_with_the_two_commands():
 def test_ci_runs_readme_command_2_exactly():
     ci = (ROOT / ".ci" / "run").read_text()
     _, test = _readme_commands()
-    assert f"bash -c '{test}'" in ci
+    assert f"stage \"README command 2 (setup, lint, tests)\" '{test}'" in ci
     assert "set -euo pipefail" in ci and "scripts/compile_cuda.sh" in ci and "ruff check" in ci
 
 

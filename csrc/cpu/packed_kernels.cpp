@@ -139,6 +139,7 @@ typedef float Vec8 __attribute__((vector_size(32)));
 typedef float Vec4 __attribute__((vector_size(16)));
 typedef int32_t Int16 __attribute__((vector_size(64)));
 typedef uint8_t Bytes16 __attribute__((vector_size(16)));
+typedef uint8_t UnalignedBytes16 __attribute__((vector_size(16), aligned(1)));
 constexpr int kLanes = 16;
 
 KVT_INLINE Vec16 load16(const float* p) {
@@ -211,13 +212,16 @@ KVT_INLINE void dequantize_full_run(const uint8_t* __restrict codes, const Token
   constexpr int kPerByte = 8 / kBits;
   constexpr int kHalfChannels = kRunBytes * kPerByte / 2;
   const int g0 = base / group_size, g1 = (base + kHalfChannels) / group_size;
-  const Int16 second_half = {0, 0, 0, 0, 0, 0, 0, 0, -1, -1, -1, -1, -1, -1, -1, -1};
-  const Vec16 scale = second_half ? Vec16{} + params.scale[g1] : Vec16{} + params.scale[g0];
-  const Vec16 zero = second_half ? Vec16{} + params.zero[g1] : Vec16{} + params.zero[g0];
-  Bytes16 bytes;
-  std::memcpy(&bytes, codes, sizeof(bytes));
+  Vec16 scale = Vec16{} + params.scale[g0], zero = Vec16{} + params.zero[g0];
+  if constexpr (kBits == 2) {  // a 64-channel run spans two groups when G = 32
+    for (int i = kLanes / 2; i < kLanes; ++i) {
+      scale[i] = params.scale[g1];
+      zero[i] = params.zero[g1];
+    }
+  }
+  const Bytes16 bytes = *reinterpret_cast<const UnalignedBytes16*>(codes);  // one vector load
   for (int j = 0; j < kPerByte; ++j) {
-    const Bytes16 lane = (bytes >> (j * kBits)) & uint8_t((1u << kBits) - 1);
+    const Bytes16 lane = kBits == 8 ? bytes : Bytes16((bytes >> (j * kBits)) & uint8_t((1u << kBits) - 1));
     const Vec16 value = __builtin_convertvector(__builtin_convertvector(lane, Int16), Vec16);
     store16(out + j * kLanes, value * scale + zero);
   }
@@ -248,6 +252,12 @@ KVT_INLINE void dequantize_tokens(const uint8_t* codes, const uint8_t* params, i
     float* token_out = out + int64_t(t) * head_size;
     TokenParams token_params;
     token_params.load(params + int64_t(t) * param_bytes, head_size / group_size);
+    if constexpr (kBits == 8) {  // one code per byte: a plain loop per group vectorizes best
+      for (int c = 0; c < head_size; ++c) {
+        token_out[c] = float(token_codes[c]) * token_params.scale[c / group_size] + token_params.zero[c / group_size];
+      }
+      continue;
+    }
     int base = 0;
     for (; base + kRunChannels <= head_size; base += kRunChannels) {
       dequantize_full_run<kBits>(token_codes + base / kPerByte, token_params, base, group_size, token_out + base);

@@ -8,7 +8,7 @@ every query (decode, prefill, chunked prefill, prefix-cache hits alike) over tho
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from vllm.v1.attention.backend import (
@@ -85,6 +85,7 @@ class KVTunerMetadata(AttentionMetadata):
     seq_lens: torch.Tensor  # int32 [num_seqs], this step's tokens included
     block_table: torch.Tensor  # int32 [num_seqs, max_blocks]
     slot_mapping: torch.Tensor  # int64 [num_tokens]
+    stock: Any = None  # the platform's own metadata, for groups of unquantized (16/16) layers
 
 
 class KVTunerMetadataBuilder(AttentionMetadataBuilder[KVTunerMetadata]):

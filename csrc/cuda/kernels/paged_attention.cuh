@@ -20,8 +20,6 @@
 // 4 score loops + 4 value loops per kernel instead of 16 kernels per (dtype, head size).
 #pragma once
 
-#include <climits>
-
 #include "cuda/kernels/api.h"
 #include "cuda/kernels/common.cuh"
 
