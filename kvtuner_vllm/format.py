@@ -189,7 +189,9 @@ def quantize(x: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor,
     lo = groups.amin(dim=-1)
     hi = groups.amax(dim=-1)
     zero = lo.clamp(-FP16_MAX, FP16_MAX).to(torch.float16)
-    scale = ((hi - lo) / qmax).clamp(max=FP16_MAX).to(torch.float16)
+    # A tensor divisor keeps the division correctly rounded on CUDA too (a scalar one becomes
+    # a multiply by 1/qmax there), so every device computes the kernels' scale.
+    scale = ((hi - lo) / torch.full_like(hi, qmax)).clamp(max=FP16_MAX).to(torch.float16)
     scale_f = scale.float()
     inv = torch.where(scale_f > 0, 1.0 / scale_f, torch.zeros_like(scale_f))
     q = torch.round((groups - zero.float().unsqueeze(-1)) * inv.unsqueeze(-1)).clamp(0, qmax)
