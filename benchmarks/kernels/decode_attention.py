@@ -110,8 +110,6 @@ def run_config(batch: int, context: int, isa: str, repeats: int, budget_s: float
     stock = formats["KV16"]  # byte-identical to a vLLM bf16 page
     functions, page_bytes = {}, {}
     vllm_pages = fill_pages(stock, num_blocks, generator)
-    functions["vLLM bf16"] = lambda: VllmAttention(vllm_pages, block_table, seq_lens, query_start_loc, isa)(
-        query, out)
     vllm_attention = VllmAttention(vllm_pages, block_table, seq_lens, query_start_loc, isa)
     functions["vLLM bf16"] = lambda: vllm_attention(query, out)
     page_bytes["vLLM bf16"] = batch * context * NUM_KV_HEADS * stock.bytes_per_token
@@ -168,8 +166,10 @@ def main() -> None:
                 continue
             config_rows = run_config(batch, context, args.vllm_isa, args.repeats, budget_s=3.0)
             rows += config_rows
-            cells = "  ".join(f"{r['kernel']} {r['time_ms']:.2f}ms {r['gb_per_s']:.1f}GB/s x{r['speedup_vs_vllm_bf16']:.2f}"
-                              for r in config_rows)
+            cells = "  ".join(
+                f"{r['kernel']} {r['time_ms']:.2f}ms {r['gb_per_s']:.1f}GB/s x{r['speedup_vs_vllm_bf16']:.2f}"
+                for r in config_rows
+            )
             print(f"batch {batch:3d} context {context:6d}  {cells}", flush=True)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     stem = "decode_attention_quick" if args.quick else "decode_attention"

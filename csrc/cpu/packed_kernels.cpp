@@ -253,8 +253,11 @@ KVT_INLINE void dequantize_tokens(const uint8_t* codes, const uint8_t* params, i
     TokenParams token_params;
     token_params.load(params + int64_t(t) * param_bytes, head_size / group_size);
     if constexpr (kBits == 8) {  // one code per byte: a plain loop per group vectorizes best
-      for (int c = 0; c < head_size; ++c) {
-        token_out[c] = float(token_codes[c]) * token_params.scale[c / group_size] + token_params.zero[c / group_size];
+      for (int g = 0; g * group_size < head_size; ++g) {
+        const float scale = token_params.scale[g], zero = token_params.zero[g];
+        const uint8_t* group_codes = token_codes + g * group_size;
+        float* group_out = token_out + g * group_size;
+        for (int i = 0; i < group_size; ++i) group_out[i] = float(group_codes[i]) * scale + zero;
       }
       continue;
     }

@@ -30,15 +30,19 @@ NUM_LAYERS = 30
 BLOCK = 32
 NUM_BLOCKS = 8
 MAX_MODEL_LEN = 192  # fits the 7 usable blocks (vLLM keeps one null block)
+# Counting continues for many tokens with wide top-2 margins, so any request whose cache was lost or
+# mixed up after preemption shows at once, while bf16 rounding differences (which quantization can
+# turn into a flipped code) do not flip its tokens.
 PREEMPT_PROMPTS = [
-    "Write a short story about a cat who learns to fly.",
-    "List the planets of the solar system and describe each one.",
-    "Explain how a steam engine works, step by step.",
-    "Describe the water cycle to a ten year old.",
-    "Give a recipe for pancakes with all the steps.",
-    "Tell me about the history of the printing press.",
+    "1, 2, 3, 4, 5,",
+    "10, 11, 12, 13,",
+    "100, 101, 102, 103,",
+    "2, 4, 6, 8, 10,",
+    "a, b, c, d, e,",
+    "50, 51, 52, 53,",
 ]
 PREEMPT_TOKENS = 64
+QUANTIZED_MARGIN = 1.0  # nats
 
 
 @pytest.fixture(scope="module")
@@ -79,16 +83,19 @@ def test_preemption_loses_or_corrupts_nothing(k4v4_server):
     for prompt, got in zip(PREEMPT_PROMPTS, together, strict=True):
         alone = _run(k4v4_server, prompt)
         assert len(got["tokens"]) == PREEMPT_TOKENS
-        # Recompute after preemption runs the same tokens through a prefill instead of decodes, so
-        # bf16 rounding may differ: outputs must match up to the alone run's first near-tie.
-        horizon = next((i for i, m in enumerate(alone["margins"]) if m < CLEAR_MARGIN), PREEMPT_TOKENS)
+        # Recompute after preemption (and batching) runs the same tokens through other GEMM shapes, so
+        # bf16 rounding differs, and at 4 bits a rounding difference can flip a code by one step, which
+        # moves a logit far more than bf16 noise does (this model's 4-bit KV is ~0.4 nats per token from
+        # bf16): outputs must match up to the alone run's first top-2 gap under QUANTIZED_MARGIN.
+        horizon = next((i for i, m in enumerate(alone["margins"]) if m < QUANTIZED_MARGIN), PREEMPT_TOKENS)
+        assert horizon >= 8, f"not a clear-margin prompt: {prompt!r}"
         assert got["tokens"][:horizon] == alone["tokens"][:horizon], prompt
     print(f"{preemptions:.0f} preemptions; outputs equal to the requests run alone")
 
 
 def _stream_then_disconnect(server: Server, chunks: int) -> None:
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=300)
-    body = {"model": "model", "prompt": "Count slowly from one to one thousand:", "max_tokens": 200,
+    body = {"model": "model", "prompt": "Count slowly from one to one thousand:", "max_tokens": 150,
             "ignore_eos": True, "stream": True, "temperature": 0}
     conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
     response = conn.getresponse()
@@ -101,7 +108,7 @@ def _stream_then_disconnect(server: Server, chunks: int) -> None:
 
 def _time_out(server: Server) -> None:
     with pytest.raises((TimeoutError, urllib.error.URLError, socket.timeout)):
-        server.post("/v1/completions", {"model": "model", "prompt": "Tell me a long story.", "max_tokens": 200,
+        server.post("/v1/completions", {"model": "model", "prompt": "Tell me a long story.", "max_tokens": 150,
                                         "ignore_eos": True}, timeout=3)
 
 
