@@ -62,7 +62,8 @@ class Server:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
         env.pop("VLLM_CPU_KVCACHE_SPACE", None)  # it would override --kv-cache-memory-bytes on CPU
         cmd = [str(VLLM), "serve", str(model), "--host", "127.0.0.1", "--port", str(self.port),
-               "--served-model-name", "model", "--enforce-eager", "--kv-cache-memory-bytes", str(kv_bytes), *args]
+               "--served-model-name", "model", "--enforce-eager", "--max-model-len", "512",
+               "--kv-cache-memory-bytes", str(kv_bytes), *args]
         self.log = log
         self.proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env,  # noqa: SIM115
                                      start_new_session=True)
@@ -136,6 +137,7 @@ def main() -> int:
     parser.add_argument("--model", type=Path, help="HF folder (default: the bundled SmolLM2-135M-Instruct)")
     parser.add_argument("--quick", action="store_true", help="fewer, shorter requests")
     parser.add_argument("--only", nargs="*", help="config names to run (default: all)")
+    parser.add_argument("--settings", nargs="*", choices=["memory-bound", "ample"], help="default: both")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
     args.input_len, args.output_len = (128, 32) if args.quick else (256, 128)
@@ -158,6 +160,8 @@ def main() -> int:
                "workload": {k: getattr(args, k) for k in ("input_len", "output_len", "num_prompts", "concurrency")},
                "env": {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "enforce_eager": True}, "settings": {}}
     for setting, kv_bytes in settings.items():
+        if args.settings and setting not in args.settings:
+            continue
         runs = {}
         for name, serve_args in names.items():
             if args.only and name not in args.only:
