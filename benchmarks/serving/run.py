@@ -24,6 +24,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from kvtuner_vllm.precision_map import PrecisionMap
+
 ROOT = Path(__file__).resolve().parents[2]
 VLLM = Path(sys.executable).parent / "vllm"
 MiB = 2**20
@@ -36,16 +38,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def uniform_map(path: Path, num_layers: int, bits: int) -> Path:
-    layers = [{"key_bits": bits, "value_bits": bits}] * num_layers
-    path.write_text(json.dumps({"format": "kvtuner-precision-map/v1", "num_layers": num_layers, "group_size": 64,
-                                "layers": layers}))
-    return path
-
-
 def configs(device: str, maps_dir: Path, num_layers: int) -> dict[str, list[str]]:
     """name -> `vllm serve` arguments selecting the KV cache."""
-    kv4 = uniform_map(maps_dir / "kv4.json", num_layers, 4)
+    kv4 = maps_dir / "kv4.json"
+    PrecisionMap.uniform(num_layers, 4, 4, group_size=64).save(kv4)
     quantized = ["fp8"] if device == "cpu" else ["int8_per_token_head", "int4_per_token_head", "turboquant_k8v4"]
     out = {"auto": []}
     out.update({q: ["--kv-cache-dtype", q] for q in quantized})
