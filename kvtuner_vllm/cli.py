@@ -7,7 +7,6 @@ kvtuner-vllm show-map MAP [--model MODEL_DIR] [--group-size G]
 from __future__ import annotations
 
 import argparse
-import importlib
 import importlib.metadata as md
 import json
 import sys
@@ -25,34 +24,14 @@ def _dist_version(*names: str) -> str | None:
     return None
 
 
-REBUILD_HINT = "rebuild with `bash scripts/setup.sh` (or `pip install -e . --no-build-isolation`)"
-
-
 def extension_status() -> tuple[bool, str]:
-    """(ok, message) for the compiled extension kvtuner_vllm._C.
+    """(ok, message) for the compiled extension kvtuner_vllm._C; the loader's error names the fix."""
+    from kvtuner_vllm.ops import KernelsNotBuiltError, load_kernels
 
-    Uses the kernels' own loader (kvtuner_vllm.ops) when it exists: its error names the fix
-    ("rebuild with ..."). Falls back to importing the module directly.
-    """
     try:
-        ops = importlib.import_module("kvtuner_vllm.ops")
-    except ModuleNotFoundError as err:
-        if err.name != "kvtuner_vllm.ops":
-            return False, f"kvtuner_vllm.ops does not import ({err}); {REBUILD_HINT}"
-        ops = None
-    except Exception as err:  # the loader raises its own, actionable error
+        load_kernels()
+    except KernelsNotBuiltError as err:
         return False, str(err)
-    loader = getattr(ops, "load_kernels", None)
-    try:
-        if loader is not None:
-            loader()
-        else:
-            import torch  # noqa: F401  (the extension links against libtorch)
-
-            importlib.import_module("kvtuner_vllm._C")
-    except Exception as err:
-        message = str(err)
-        return False, message if "rebuild with" in message else f"{message}; {REBUILD_HINT}"
     return True, "ok"
 
 
