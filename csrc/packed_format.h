@@ -12,6 +12,8 @@
 
 namespace kvtuner {
 
+enum class ElemType : int { kFloat32, kFloat16, kBFloat16 };
+
 constexpr int kUnquantizedBits = 16;
 constexpr int kParamBytesPerGroup = 4;  // fp16 scale, fp16 zero
 constexpr float kFp16Max = 65504.0f;

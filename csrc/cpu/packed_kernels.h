@@ -11,7 +11,7 @@
 namespace kvtuner::cpu {
 
 // The model dtype: query, output, key/value inputs and the raw payload of 16-bit planes.
-enum class ElemType : int { kFloat32, kFloat16, kBFloat16 };
+using ::kvtuner::ElemType;
 
 inline int elem_size(ElemType type) { return type == ElemType::kFloat32 ? 4 : 2; }
 

@@ -7,9 +7,11 @@
 
 #include <cstdint>
 
+#include "packed_format.h"
+
 namespace kvtuner::cuda {
 
-enum class ElemType : int { kFloat32, kFloat16, kBFloat16 };
+using ::kvtuner::ElemType;
 
 struct QuantizeParams {
   const void* key;
