@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 
+from benchmarks.common import RESULTS_DIR, machine_info
 from kvtuner_vllm import format as kvformat
 from kvtuner_vllm import ops
 
@@ -31,15 +30,6 @@ BIT_PAIRS = {"KV8": (8, 8), "K8V4": (8, 4), "KV4": (4, 4), "K4V2": (4, 2), "KV2"
 FULL_GRID = {"batches": [1, 4, 16, 64], "contexts": [512, 2048, 4096, 8192, 32768]}
 QUICK_GRID = {"batches": [1, 16], "contexts": [512, 4096, 32768]}
 MAX_CACHED_TOKENS = 512 * 1024  # batch x context cap: the bf16 pages of one layer stay <= 0.5 GiB
-RESULTS_DIR = Path(__file__).resolve().parents[1] / "results"
-
-
-def cpu_model() -> str:
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor()
-    return next((line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")), "")
 
 
 def fill_pages(fmt: kvformat.LayerFormat, num_blocks: int, generator: torch.Generator) -> torch.Tensor:
@@ -173,7 +163,7 @@ def main() -> None:
             print(f"batch {batch:3d} context {context:6d}  {cells}", flush=True)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     stem = "decode_attention_quick" if args.quick else "decode_attention"
-    meta = {"cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+    meta = {"cpu": machine_info()["cpu"], "threads": torch.get_num_threads(), "torch": torch.__version__,
             "vllm_isa": args.vllm_isa, "shape": {"num_q_heads": NUM_Q_HEADS, "num_kv_heads": NUM_KV_HEADS,
                                                  "head_size": HEAD_SIZE, "block_size": BLOCK_SIZE,
                                                  "group_size": GROUP_SIZE, "dtype": str(DTYPE)}}
