@@ -23,26 +23,45 @@ KVT_HOST_DEVICE int64_t code_bytes(int bits, int head_size, int elem_size) {
   return bits == kUnquantizedBits ? int64_t(head_size) * elem_size : int64_t(head_size) * bits / 8;
 }
 
+// Bytes of one token's scales and zeros for one head, groups of `group_size` values (kivi keys:
+// `group_size` is the token group G_t, and a group's D pairs spread over its G_t tokens).
 KVT_HOST_DEVICE int64_t param_bytes(int bits, int head_size, int group_size) {
   return bits == kUnquantizedBits ? 0 : int64_t(kParamBytesPerGroup) * head_size / group_size;
 }
 
+// One layer's format as the kernels take it (format.LayerFormat's kernel view).
+struct FormatArgs {
+  int key_bits, value_bits;
+  int group_size;        // channels per group: values, and per-token keys
+  int key_group_size;    // kivi: token positions per key group; 0 = per-token keys
+  int residual_length;   // R: window of full-precision positions; 0 = none (format v1)
+};
+
 // Where K codes, K params, V codes and V params start inside one (block, head) plane.
+// Kivi key params are (block_size / G_t) rows of head_size (scale, zero) pairs.
 struct PlaneLayout {
   int64_t key_code_bytes, key_param_bytes, value_code_bytes, value_param_bytes;
   int64_t key_params_offset, value_codes_offset, value_params_offset;
   int64_t bytes_per_token;
 
-  KVT_HOST_DEVICE PlaneLayout(int key_bits, int value_bits, int head_size, int group_size, int elem_size,
-                              int block_size)
-      : key_code_bytes(code_bytes(key_bits, head_size, elem_size)),
-        key_param_bytes(param_bytes(key_bits, head_size, group_size)),
-        value_code_bytes(code_bytes(value_bits, head_size, elem_size)),
-        value_param_bytes(param_bytes(value_bits, head_size, group_size)),
+  KVT_HOST_DEVICE PlaneLayout(const FormatArgs& f, int head_size, int elem_size, int block_size)
+      : key_code_bytes(code_bytes(f.key_bits, head_size, elem_size)),
+        key_param_bytes(param_bytes(f.key_bits, head_size, f.key_group_size > 0 ? f.key_group_size : f.group_size)),
+        value_code_bytes(code_bytes(f.value_bits, head_size, elem_size)),
+        value_param_bytes(param_bytes(f.value_bits, head_size, f.group_size)),
         key_params_offset(int64_t(block_size) * key_code_bytes),
         value_codes_offset(key_params_offset + int64_t(block_size) * key_param_bytes),
         value_params_offset(value_codes_offset + int64_t(block_size) * value_code_bytes),
         bytes_per_token(key_code_bytes + key_param_bytes + value_code_bytes + value_param_bytes) {}
 };
+
+// The full-precision window: the query at position p reads positions >= window_start(p) from
+// the model dtype (the ring or the step's own rows), older ones from the packed pages.
+KVT_HOST_DEVICE int window_start(int position, int block_size, int residual_length) {
+  if (residual_length <= 0) return position + 1;
+  const int block_start = position / block_size * block_size;
+  const int recent = position - residual_length + 1;
+  return block_start > recent ? block_start : recent;
+}
 
 }  // namespace kvtuner

@@ -12,23 +12,30 @@
 
 TORCH_LIBRARY(kvtuner, m) {
   m.def(
-      "quantize_and_cache(Tensor key, Tensor value, Tensor! kv_cache, Tensor slot_mapping, int key_bits, "
-      "int value_bits, int group_size) -> ()");
+      "quantize_and_cache(Tensor key, Tensor value, Tensor(a!) kv_cache, Tensor slot_mapping, Tensor? ring_cache, "
+      "Tensor? ring_block_ids, Tensor? query_start_loc, Tensor? seq_lens, int key_bits, int value_bits, "
+      "int group_size, int key_group_size, int residual_length) -> ()");
   m.def(
-      "paged_attention(Tensor! out, Tensor query, Tensor kv_cache, Tensor block_table, Tensor seq_lens, "
-      "Tensor query_start_loc, int max_query_len, int max_seq_len, float scale, int key_bits, int value_bits, "
-      "int group_size, int sliding_window, float softcap) -> ()");
+      "paged_attention(Tensor(a!) out, Tensor query, Tensor key, Tensor value, Tensor kv_cache, Tensor? ring_cache, "
+      "Tensor? ring_block_ids, Tensor block_table, Tensor seq_lens, Tensor query_start_loc, int max_query_len, "
+      "int max_seq_len, float scale, int key_bits, int value_bits, int group_size, int key_group_size, "
+      "int residual_length, float softcap) -> ()");
+  m.def(
+      "write_window(Tensor key, Tensor value, Tensor(a!) ring_cache, Tensor ring_block_ids, Tensor query_start_loc, "
+      "Tensor seq_lens, int residual_length) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(kvtuner, CPU, m) {
   m.impl("quantize_and_cache", &quantize_and_cache_cpu);
   m.impl("paged_attention", &paged_attention_cpu);
+  m.impl("write_window", &write_window_cpu);
 }
 
 #ifdef KVTUNER_WITH_CUDA
 TORCH_LIBRARY_IMPL(kvtuner, CUDA, m) {
   m.impl("quantize_and_cache", &quantize_and_cache_cuda);
   m.impl("paged_attention", &paged_attention_cuda);
+  m.impl("write_window", &write_window_cuda);
 }
 #endif
 

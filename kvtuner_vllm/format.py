@@ -1,15 +1,12 @@
-"""The packed KV cache format, v1 (per-token groups): the one definition.
+"""The packed KV cache format, v2: the one definition.
 
-Everything that touches packed bytes follows this module: the C++ and CUDA kernels
-(tests compare them against the reference functions below), the backend's page-size
-math (`LayerFormat.bytes_per_token`) and the calibration's simulated quantizer
-(`fake_quantize`). Pure torch, no vLLM import.
+Everything that touches packed bytes follows this module: the C++ and CUDA kernels (tests
+compare them against the reference functions below), the backend's page-size math
+(`LayerFormat.bytes_per_token`, `LayerFormat.window_bytes`) and the calibration's
+simulation (`simulated_attention`). Pure torch, no vLLM import.
 
-Quantization (per token, per KV head, per group of G consecutive channels)
---------------------------------------------------------------------------
-For a head vector x of length D cut into D/G groups, each group is quantized
-asymmetrically to b bits, in float32 arithmetic:
-
+Quantizer (asymmetric, b bits, over a group x of n values, in float32)
+----------------------------------------------------------------------
     qmax    = 2^b - 1
     zero_h  = fp16(clamp(min(x), -65504, 65504))
     scale_h = fp16(min((max(x) - min(x)) / qmax, 65504))
@@ -17,41 +14,73 @@ asymmetrically to b bits, in float32 arithmetic:
     q       = clamp(round_half_even((x - float(zero_h)) * inv), 0, qmax)
     x_hat   = q * float(scale_h) + float(zero_h)
 
-The fp16-rounded scale and zero are used for the codes, so x_hat is exactly what a
-kernel reading the page reconstructs. b = 16 stores the model dtype unchanged.
+The fp16-rounded scale and zero are used for the codes, so x_hat is exactly what a kernel
+reading the page reconstructs. b = 16 stores the model dtype unchanged.
+
+Schemes: which values form a group
+----------------------------------
+* `per-token-group` (v1): for each token and KV head, the head vector (D channels) is cut
+  into D/G groups of G consecutive channels (G = `group_size`). Keys and values alike.
+* `kivi` (KIVI's per-channel keys): values as above; keys are grouped per *channel* over
+  G_t consecutive token positions (G_t = `key_group_size`, a divisor of the block size),
+  so one (scale, zero) pair per channel per token group. A key group is quantized once
+  all its G_t positions are written (until then its keys are only read in full precision,
+  see the window below).
 
 Bytes (one token, one KV head)
 ------------------------------
-    codes  = D * b / 8                   (b < 16);  D * elem_size(dtype) for b = 16
-    params = 4 * D / G  (fp16 scale, fp16 zero per group);  0 for b = 16
+    codes  = D * b / 8 (b < 16);  D * elem_size(dtype) for b = 16
+    params = 4 * D / G   for per-token groups (fp16 scale + fp16 zero per group)
+             4 * D / G_t for kivi keys (D pairs per G_t tokens)
+             0 for b = 16
 
-Codes are packed little end first: channel c sits in byte c*b//8 at bit (c*b) % 8
-(b = 4: channel 2i in the low nibble; b = 2: channel 4i in the lowest two bits).
-Params of a token are interleaved per group: [scale_0, zero_0, scale_1, zero_1, ...].
+Codes are packed little end first, per token row: channel c sits in byte c*b//8 at bit
+(c*b) % 8 (b = 4: channel 2i in the low nibble; b = 2: channel 4i in the lowest two bits).
+Per-token params of a token are [scale_0, zero_0, scale_1, zero_1, ...] over its groups;
+kivi key params of a token group are [scale_c, zero_c] for c = 0..D-1.
 
 Page layout (one layer)
 -----------------------
 vLLM views a layer's cache as uint8[num_blocks, num_kv_heads, block_size, C] with
-C = bytes_per_token = key codes + key params + value codes + value params. The
-block_size * C bytes of one (block, head) plane are planar, N = block_size:
+C = bytes_per_token. The block_size * C bytes of one (block, head) plane are planar,
+N = block_size:
 
-    [ K codes  N x key_code_bytes   ]  offset 0
-    [ K params N x key_param_bytes  ]  offset N * key_code_bytes
-    [ V codes  N x value_code_bytes ]  offset N * (key_code_bytes + key_param_bytes)
-    [ V params N x value_param_bytes]  offset N * (... + value_code_bytes)
+    [ K codes  N x key_code_bytes            ]
+    [ K params N x key_param_bytes           ]  (kivi: N / G_t token groups x D pairs)
+    [ V codes  N x value_code_bytes          ]
+    [ V params N x value_param_bytes         ]
 
-so one head's tokens are contiguous for the decode kernel, and a 16/16 layer is
-byte-identical to vLLM's CPU bf16 page ([B, H, N, 2D] = K plane then V plane).
+so one head's tokens are contiguous for the kernels, and a 16/16 layer is byte-identical
+to vLLM's CPU bf16 page ([B, H, N, 2D] = K plane then V plane).
+
+The full-precision window (residual_length R > 0)
+-------------------------------------------------
+Attention reads the most recent positions of a query's own block in the model dtype:
+the query at position p (block size N) reads key/value j in full precision when
+
+    j >= w0(p) = max(N * floor(p / N), p - R + 1)
+
+and from the packed pages when j < w0(p). The window stays inside p's block, so it never
+needs positions of a block that a prefix-cache hit reuses: every block boundary is a clean
+start. The positions a window can need from earlier steps (at most R - 1, all in the block
+being written) live in a per-request ring of R positions per layer and KV head, in the
+model dtype, position j at ring row j mod R:
+
+    ring plane (one ring block, one head) = [ K  R x D ][ V  R x D ]   (model dtype)
+
+(the layout of vLLM's bf16 page with N = R). A step's own positions are read from its
+fresh key/value rows. For kivi, R >= G_t and G_t | N put every key group that a window
+does not cover in a complete group. R = 0 is format v1: every position, the query's own
+included, is read from the packed pages.
 
 Attention semantics
 -------------------
-Every query attends over the packed cache only, its own step's keys included:
-`quantize_and_cache` runs before attention in every step. The query tokens of a
-sequence are its last q_len positions; query i sits at position seq_len - q_len + i
-and sees keys 0..position (causal), restricted to the last `sliding_window` positions
-if set. Prefill, chunked prefill, prefix-cache hits and decode therefore compute the
-same function, and calibration (which fake-quantizes K and V before attention) scores
-exactly what the server computes.
+The query tokens of a sequence are its last q_len positions: query i sits at position
+seq_len - q_len + i and sees keys 0..position (causal), each read as the window rule
+says. Results depend on positions only, not on how the scheduler split a request into
+steps, so prefill, chunked prefill, prefix-cache hits, decode and recompute after
+preemption compute the same function, and `simulated_attention` (what calibration runs)
+computes it for whole sequences.
 """
 
 from __future__ import annotations
@@ -62,11 +91,15 @@ from functools import cached_property
 
 import torch
 
-FORMAT_VERSION = "kvtuner-packed/v1"
-SCHEME = "per-token-group"
+FORMAT_VERSION = "kvtuner-packed/v2"
+PER_TOKEN = "per-token-group"
+KIVI = "kivi"
+SCHEMES = (PER_TOKEN, KIVI)
 SUPPORTED_BITS = (2, 4, 8, 16)
 UNQUANTIZED_BITS = 16
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
+SUPPORTED_KEY_GROUP_SIZES = (16, 32, 64, 128)  # kivi: token positions per key group
+MAX_RESIDUAL_LENGTH = 256
 SUPPORTED_HEAD_SIZES = (64, 80, 96, 128, 256)
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 FP16_MAX = 65504.0
@@ -97,6 +130,42 @@ def check_group_size(group_size: int, head_size: int) -> None:
         )
 
 
+def check_window(scheme: str, key_group_size: int, residual_length: int) -> None:
+    """The scheme's own rules: kivi needs a token group and a window that covers it."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown scheme {scheme!r}: use one of {SCHEMES}")
+    if not 0 <= residual_length <= MAX_RESIDUAL_LENGTH:
+        raise ValueError(f"residual_length {residual_length} must lie in [0, {MAX_RESIDUAL_LENGTH}]")
+    if scheme == PER_TOKEN:
+        if key_group_size:
+            raise ValueError("key_group_size applies to the kivi scheme only; remove it or use scheme 'kivi'")
+        return
+    if key_group_size not in SUPPORTED_KEY_GROUP_SIZES:
+        raise ValueError(
+            f"the kivi scheme needs key_group_size (token positions per key group) in "
+            f"{SUPPORTED_KEY_GROUP_SIZES}, got {key_group_size!r}"
+        )
+    if residual_length < key_group_size:
+        raise ValueError(
+            f"the kivi scheme needs residual_length >= key_group_size ({residual_length} < {key_group_size}): "
+            "the full-precision window must cover the key group still being filled"
+        )
+
+
+def check_block_size(fmt: LayerFormat, block_size: int) -> None:
+    """What the window and kivi groups need of vLLM's block size (checked at startup)."""
+    if fmt.has_window and fmt.residual_length > block_size:
+        raise ValueError(
+            f"residual_length {fmt.residual_length} exceeds the block size {block_size}: the window lies "
+            "inside a block; use --block-size >= residual_length"
+        )
+    if fmt.kivi_keys and block_size % fmt.key_group_size:
+        raise ValueError(
+            f"key_group_size {fmt.key_group_size} does not divide the block size {block_size}: "
+            "kivi key groups must not straddle blocks"
+        )
+
+
 def code_bytes(bits: int, head_size: int, dtype: torch.dtype) -> int:
     """Bytes of one token's codes (or raw values, for 16 bits) for one head."""
     check_bits(bits)
@@ -106,7 +175,7 @@ def code_bytes(bits: int, head_size: int, dtype: torch.dtype) -> int:
 
 
 def param_bytes(bits: int, head_size: int, group_size: int) -> int:
-    """Bytes of one token's scales and zeros for one head (none when unquantized)."""
+    """Bytes of one token's scales and zeros for one head, groups of `group_size` values."""
     check_bits(bits)
     if bits == UNQUANTIZED_BITS:
         return 0
@@ -115,18 +184,22 @@ def param_bytes(bits: int, head_size: int, group_size: int) -> int:
 
 @dataclass(frozen=True)
 class LayerFormat:
-    """How one layer's K and V are stored: what the kernels take as arguments."""
+    """How one layer's K and V are stored and read: what the kernels take as arguments."""
 
     key_bits: int
     value_bits: int
     head_size: int
     group_size: int
     dtype: torch.dtype = torch.bfloat16
+    scheme: str = PER_TOKEN
+    key_group_size: int = 0  # kivi only: token positions per key group
+    residual_length: int = 0  # R: positions of the window read in the model dtype
 
     def __post_init__(self) -> None:
         check_bits(self.key_bits)
         check_bits(self.value_bits)
         check_group_size(self.group_size, self.head_size)
+        check_window(self.scheme, self.key_group_size, self.residual_length)
         if self.dtype not in SUPPORTED_DTYPES:
             raise ValueError(f"unsupported model dtype {self.dtype}: use one of {SUPPORTED_DTYPES}")
 
@@ -134,13 +207,38 @@ class LayerFormat:
     def num_groups(self) -> int:
         return self.head_size // self.group_size
 
+    @property
+    def unquantized(self) -> bool:
+        return self.key_bits == self.value_bits == UNQUANTIZED_BITS
+
+    @property
+    def kivi_keys(self) -> bool:
+        """Keys quantized per channel over token groups."""
+        return self.scheme == KIVI and self.key_bits != UNQUANTIZED_BITS
+
+    @property
+    def has_window(self) -> bool:
+        """Whether reads distinguish recent positions (and a ring holds them)."""
+        return self.residual_length > 0 and not self.unquantized
+
+    @property
+    def window(self) -> int:
+        """R as the kernels take it: 0 when the layer has no window."""
+        return self.residual_length if self.has_window else 0
+
+    @property
+    def kernel_key_group_size(self) -> int:
+        """G_t as the kernels take it: 0 for per-token keys."""
+        return self.key_group_size if self.kivi_keys else 0
+
     @cached_property
     def key_code_bytes(self) -> int:
         return code_bytes(self.key_bits, self.head_size, self.dtype)
 
     @cached_property
     def key_param_bytes(self) -> int:
-        return param_bytes(self.key_bits, self.head_size, self.group_size)
+        """Key params per token (kivi: a token group's params spread over its G_t tokens)."""
+        return param_bytes(self.key_bits, self.head_size, self.key_group_size if self.kivi_keys else self.group_size)
 
     @cached_property
     def value_code_bytes(self) -> int:
@@ -163,6 +261,11 @@ class LayerFormat:
     def compression(self) -> float:
         return self.unquantized_bytes_per_token / self.bytes_per_token
 
+    @property
+    def window_bytes(self) -> int:
+        """Bytes of one request's ring for one KV head (0 without a window)."""
+        return self.window * self.unquantized_bytes_per_token
+
     def plane_offsets(self, block_size: int) -> tuple[int, int, int, int]:
         """Byte offsets of K codes, K params, V codes, V params inside one (block, head) plane."""
         k_params = block_size * self.key_code_bytes
@@ -173,6 +276,10 @@ class LayerFormat:
     def cache_shape(self, num_blocks: int, num_kv_heads: int, block_size: int) -> tuple[int, int, int, int]:
         return num_blocks, num_kv_heads, block_size, self.bytes_per_token
 
+    def ring_shape(self, num_blocks: int, num_kv_heads: int) -> tuple[int, int, int, int]:
+        """The ring cache as vLLM views it: [blocks, heads, R, 2D] in the model dtype."""
+        return num_blocks, num_kv_heads, self.window, 2 * self.head_size
+
 
 # ---------------------------------------------------------------------------------
 # Reference quantizer
@@ -180,7 +287,7 @@ class LayerFormat:
 
 
 def quantize(x: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x[..., D] -> (codes uint8[..., D], scale fp16[..., D/G], zero fp16[..., D/G])."""
+    """x[..., D] -> (codes uint8[..., D], scale fp16[..., D/G], zero fp16[..., D/G]), groups along the last dim."""
     check_bits(bits)
     if bits == UNQUANTIZED_BITS:
         raise ValueError("16-bit values are stored unquantized; there is nothing to quantize")
@@ -205,10 +312,38 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, gro
 
 
 def fake_quantize(x: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
-    """What the server stores and reads back, in x's dtype; identity for 16 bits."""
+    """Per-token groups: what the server stores and reads back, in x's dtype; identity for 16 bits."""
     if bits == UNQUANTIZED_BITS:
         return x
     return dequantize(*quantize(x, bits, group_size), group_size).to(x.dtype)
+
+
+def quantize_channels(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One kivi key group x[..., G_t, D] -> (codes uint8[..., G_t, D], scale fp16[..., D], zero fp16[..., D]):
+    each channel quantized over the group's token positions."""
+    codes, scale, zero = quantize(x.transpose(-1, -2), bits, x.shape[-2])
+    return codes.transpose(-1, -2), scale.squeeze(-1), zero.squeeze(-1)
+
+
+def fake_quantize_kivi_keys(key: torch.Tensor, bits: int, key_group_size: int) -> torch.Tensor:
+    """key[..., T, D] with each complete group of G_t positions quantized per channel, in key's dtype.
+    A trailing incomplete group stays as it is: the window rule never reads it packed."""
+    if bits == UNQUANTIZED_BITS:
+        return key
+    complete = key.shape[-2] // key_group_size * key_group_size
+    out = key.clone()
+    groups = key[..., :complete, :].unflatten(-2, (-1, key_group_size))  # [..., T/G_t, G_t, D]
+    codes, scale, zero = quantize_channels(groups, bits)
+    x_hat = codes.float() * scale.float().unsqueeze(-2) + zero.float().unsqueeze(-2)
+    out[..., :complete, :] = x_hat.flatten(-3, -2).to(key.dtype)
+    return out
+
+
+def fake_quantize_keys(key: torch.Tensor, fmt: LayerFormat) -> torch.Tensor:
+    """key[..., T, D] of whole sequences as the packed pages hold it (positions along dim -2)."""
+    if fmt.kivi_keys:
+        return fake_quantize_kivi_keys(key, fmt.key_bits, fmt.key_group_size)
+    return fake_quantize(key, fmt.key_bits, fmt.group_size)
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -227,39 +362,75 @@ def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return lanes.flatten(-2).to(torch.uint8)
 
 
+def _param_bytes(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """(scale, zero) fp16[..., n] -> interleaved param bytes uint8[..., 4n]."""
+    return torch.stack([scale, zero], dim=-1).flatten(-2).contiguous().view(torch.uint8)
+
+
+def _scale_zero(params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    pairs = params.contiguous().view(torch.float16).unflatten(-1, (-1, 2))
+    return pairs[..., 0], pairs[..., 1]
+
+
 def encode(x: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """x[T, D] -> (code bytes uint8[T, code_bytes], param bytes uint8[T, param_bytes])."""
+    """Per-token groups: x[T, D] -> (code bytes uint8[T, code_bytes], param bytes uint8[T, param_bytes])."""
     if bits == UNQUANTIZED_BITS:
         return x.contiguous().view(torch.uint8), x.new_empty((x.shape[0], 0), dtype=torch.uint8)
     codes, scale, zero = quantize(x, bits, group_size)
-    params = torch.stack([scale, zero], dim=-1).flatten(-2).contiguous().view(torch.uint8)
-    return pack_codes(codes, bits), params
+    return pack_codes(codes, bits), _param_bytes(scale, zero)
 
 
 def decode(code: torch.Tensor, params: torch.Tensor, bits: int, group_size: int, dtype: torch.dtype) -> torch.Tensor:
     """Inverse of `encode`, in float32: (uint8[T, code_bytes], uint8[T, param_bytes]) -> [T, D]."""
     if bits == UNQUANTIZED_BITS:
         return code.contiguous().view(dtype).float()
-    scale_zero = params.contiguous().view(torch.float16).unflatten(-1, (-1, 2))
-    return dequantize(unpack_codes(code, bits), scale_zero[..., 0], scale_zero[..., 1], group_size)
+    return dequantize(unpack_codes(code, bits), *_scale_zero(params), group_size)
 
 
 # ---------------------------------------------------------------------------------
-# Reference paged cache write and attention
+# Reference paged cache write
 # ---------------------------------------------------------------------------------
 
 
-def _plane_views(kv_cache: torch.Tensor, fmt: LayerFormat) -> tuple[torch.Tensor, ...]:
-    """Views of a layer cache uint8[B, H, N, C] as (k_code, k_param, v_code, v_param), each [B, H, N, bytes]."""
+@dataclass
+class _PlaneViews:
+    """Views of a layer cache uint8[B, H, N, C]; K params are [B, H, N/G_t, 4D] for kivi keys."""
+
+    key_code: torch.Tensor
+    key_param: torch.Tensor
+    value_code: torch.Tensor
+    value_param: torch.Tensor
+
+
+def _plane_views(kv_cache: torch.Tensor, fmt: LayerFormat) -> _PlaneViews:
     num_blocks, num_heads, block_size, width = kv_cache.shape
     if width != fmt.bytes_per_token:
         raise ValueError(f"cache holds {width} bytes per token, format needs {fmt.bytes_per_token}")
+    check_block_size(fmt, block_size)
     planes = kv_cache.flatten(2)  # [B, H, N*C], contiguous per (block, head) plane
-    sizes = (fmt.key_code_bytes, fmt.key_param_bytes, fmt.value_code_bytes, fmt.value_param_bytes)
-    views = []
-    for offset, size in zip(fmt.plane_offsets(block_size), sizes):
-        views.append(planes[:, :, offset : offset + block_size * size].unflatten(-1, (block_size, size)))
-    return tuple(views)
+    key_param_rows = (block_size // fmt.key_group_size, PARAM_BYTES_PER_GROUP * fmt.head_size) if fmt.kivi_keys \
+        else (block_size, fmt.key_param_bytes)
+    shapes = ((block_size, fmt.key_code_bytes), key_param_rows, (block_size, fmt.value_code_bytes),
+              (block_size, fmt.value_param_bytes))
+    views = [planes[:, :, offset : offset + rows * size].unflatten(-1, (rows, size))
+             for offset, (rows, size) in zip(fmt.plane_offsets(block_size), shapes)]
+    return _PlaneViews(*views)
+
+
+def _ring_views(ring_cache: torch.Tensor, fmt: LayerFormat) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K, V) views [B, H, R, D] in the model dtype of a ring cache [B, H, R, 2D] (any dtype of the same bytes)."""
+    ring = ring_cache.view(fmt.dtype) if ring_cache.dtype != fmt.dtype else ring_cache
+    if ring.shape[2:] != (fmt.window, 2 * fmt.head_size):
+        raise ValueError(f"ring holds [.., {list(ring.shape[2:])}], format needs [.., {[fmt.window, 2 * fmt.head_size]}]")
+    planes = ring.flatten(2).unflatten(-1, (2, fmt.window, fmt.head_size))  # K rows then V rows
+    return planes[:, :, 0], planes[:, :, 1]
+
+
+def _sequence_rows(query_start_loc: torch.Tensor, seq_lens: torch.Tensor):
+    """Per sequence: (index, first row, row count, position of the first row)."""
+    for seq in range(seq_lens.numel()):
+        start, end = int(query_start_loc[seq]), int(query_start_loc[seq + 1])
+        yield seq, start, end - start, int(seq_lens[seq]) - (end - start)
 
 
 def quantize_and_cache_ref(
@@ -268,74 +439,203 @@ def quantize_and_cache_ref(
     kv_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
     fmt: LayerFormat,
+    query_start_loc: torch.Tensor | None = None,
+    seq_lens: torch.Tensor | None = None,
+    ring_cache: torch.Tensor | None = None,
+    ring_block_ids: torch.Tensor | None = None,
 ) -> None:
-    """Write key/value [T, H, D] into kv_cache uint8[B, H, N, C] at slot_mapping[T]; slot < 0 is skipped."""
-    k_code, k_param, v_code, v_param = _plane_views(kv_cache, fmt)
+    """Write a step's key/value [T, H, D] into kv_cache uint8[B, H, N, C]; runs before attention.
+
+    slot_mapping[T] gives each row's packed slot (< 0: padding, skipped). Values, and keys
+    of the per-token scheme, are written per row. Kivi keys are written per token group,
+    when a row completes one: its G_t positions come from this step's rows or, for earlier
+    positions, from the ring (ring_block_ids[seq], which `write_window_ref` filled in earlier
+    steps). The sequence arguments (query_start_loc, seq_lens) are needed for kivi keys only.
+    """
+    views = _plane_views(kv_cache, fmt)
     block_size = kv_cache.shape[2]
     valid = slot_mapping >= 0
     slots = slot_mapping[valid].long()
     blocks, offsets = slots // block_size, slots % block_size
-    for x, bits, code_view, param_view in (
-        (key[valid], fmt.key_bits, k_code, k_param),
-        (value[valid], fmt.value_bits, v_code, v_param),
-    ):
+    sides = [(value[valid], fmt.value_bits, fmt.group_size, views.value_code, views.value_param)]
+    if not fmt.kivi_keys:
+        sides.append((key[valid], fmt.key_bits, fmt.group_size, views.key_code, views.key_param))
+    for x, bits, group_size, code_view, param_view in sides:
         tokens, heads, head_size = x.shape
-        code, params = encode(x.reshape(tokens * heads, head_size), bits, fmt.group_size)
+        code, params = encode(x.reshape(tokens * heads, head_size), bits, group_size)
         code_view[blocks, :, offsets] = code.view(tokens, heads, -1)
         param_view[blocks, :, offsets] = params.view(tokens, heads, -1)
+    if not fmt.kivi_keys:
+        return
+    if query_start_loc is None or seq_lens is None or ring_cache is None or ring_block_ids is None:
+        raise ValueError("kivi keys need query_start_loc, seq_lens, a ring cache and ring block ids")
+    ring_k, _ = _ring_views(ring_cache, fmt)
+    for seq, start, rows, first in _sequence_rows(query_start_loc, seq_lens):
+        _write_kivi_groups(key, views, slot_mapping, fmt, block_size, start, rows, first, ring_k, ring_block_ids[seq])
+
+
+def write_window_ref(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    ring_cache: torch.Tensor,
+    ring_block_ids: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    fmt: LayerFormat,
+) -> None:
+    """After a step's attention: the last min(R, rows) positions of each sequence go to its ring
+    block at row position mod R (earlier rows of a long chunk are never read from the ring)."""
+    ring_k, ring_v = _ring_views(ring_cache, fmt)
+    for seq, start, rows, first in _sequence_rows(query_start_loc, seq_lens):
+        kept = min(rows, fmt.window)
+        ring_rows = torch.arange(first + rows - kept, first + rows) % fmt.window
+        block = int(ring_block_ids[seq])
+        ring_k[block, :, ring_rows] = key[start + rows - kept : start + rows].transpose(0, 1).to(ring_k.dtype)
+        ring_v[block, :, ring_rows] = value[start + rows - kept : start + rows].transpose(0, 1).to(ring_v.dtype)
+
+
+def _write_kivi_groups(key, views: _PlaneViews, slot_mapping, fmt: LayerFormat, block_size: int, start: int,
+                       rows: int, first: int, ring_k, ring_block) -> None:
+    """Quantize and store every key group of one sequence that this step's rows complete."""
+    g = fmt.key_group_size
+    for end in range((first // g + 1) * g, first + rows + 1, g):  # end: one past a group's last position
+        row = start + end - 1 - first
+        slot = int(slot_mapping[row])
+        if slot < 0:
+            continue
+        positions = torch.arange(end - g, end)
+        fresh = positions >= first
+        x = torch.empty(g, key.shape[1], key.shape[2], dtype=key.dtype, device=key.device)
+        x[fresh] = key[start + positions[fresh] - first]
+        if (~fresh).any():
+            x[~fresh] = ring_k[int(ring_block), :, positions[~fresh] % fmt.window].transpose(0, 1).to(key.dtype)
+        codes, scale, zero = quantize_channels(x.transpose(0, 1), fmt.key_bits)  # [H, G_t, D], [H, D]
+        block, offset = slot // block_size, slot % block_size
+        views.key_code[block, :, offset - g + 1 : offset + 1] = pack_codes(codes, fmt.key_bits)
+        views.key_param[block, :, offset // g] = _param_bytes(scale, zero)
+
+
+# ---------------------------------------------------------------------------------
+# Reference attention: paged (what the kernels compute) and simulated (what calibration runs)
+# ---------------------------------------------------------------------------------
+
+
+def window_start(positions: torch.Tensor, block_size: int, residual_length: int) -> torch.Tensor:
+    """w0(p): the first position that the query at p reads in full precision (p + 1 without a window)."""
+    if residual_length == 0:
+        return positions + 1
+    return torch.maximum(positions // block_size * block_size, positions - residual_length + 1)
+
+
+def mixed_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_hat: torch.Tensor,
+    value_hat: torch.Tensor,
+    query_positions: torch.Tensor,
+    block_size: int,
+    residual_length: int,
+    scale: float,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """The attention rule of this format, in float32.
+
+    query [Hq, q, D] at `query_positions` [q]; key/value (full precision) and key_hat/value_hat
+    (as the packed pages hold them) [Hkv, L, D] for positions 0..L-1. Returns [Hq, q, D].
+    Positions a query does not read may hold anything finite.
+    """
+    groups = query.shape[0] // key.shape[0]
+    key, value, key_hat, value_hat = (t.float().repeat_interleave(groups, dim=0) for t in (key, value, key_hat, value_hat))
+    q = query.float()
+    keys = torch.arange(key.shape[1], device=query.device).unsqueeze(0)
+    positions = query_positions.unsqueeze(-1)
+    full = keys >= window_start(positions, block_size, residual_length)  # [q, L]
+    scores = torch.where(full, q @ key.transpose(1, 2), q @ key_hat.transpose(1, 2)) * scale
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    probs = scores.masked_fill(keys > positions, -math.inf).softmax(dim=-1)
+    return (probs * full) @ value + (probs * ~full) @ value_hat
+
+
+def simulated_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    fmt: LayerFormat,
+    block_size: int,
+    scale: float,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Served attention of whole sequences from position 0: query [B, Hq, T, D], key/value
+    [B, Hkv, T, D] (as they enter the cache) -> [B, Hq, T, D] float32."""
+    check_block_size(fmt, block_size)
+    key_hat = fake_quantize_keys(key, fmt)
+    value_hat = fake_quantize(value, fmt.value_bits, fmt.group_size)
+    positions = torch.arange(query.shape[-2], device=query.device)
+    return torch.stack([
+        mixed_attention(q, k, v, kh, vh, positions, block_size, fmt.window, scale, softcap)
+        for q, k, v, kh, vh in zip(query, key, value, key_hat, value_hat)
+    ])
 
 
 def read_cache_ref(
     kv_cache: torch.Tensor, block_ids: torch.Tensor, length: int, fmt: LayerFormat
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dequantized K and V float32[H, length, D] of one sequence, from its block ids."""
-    k_code, k_param, v_code, v_param = _plane_views(kv_cache, fmt)
+    """Dequantized K and V float32[H, length, D] of one sequence from its block ids (kivi: positions of
+    incomplete key groups hold whatever the page holds)."""
+    views = _plane_views(kv_cache, fmt)
     block_size = kv_cache.shape[2]
     positions = torch.arange(length, device=kv_cache.device)
     blocks = block_ids.long()[positions // block_size]
     offsets = positions % block_size
-    out = []
-    for bits, code_view, param_view in ((fmt.key_bits, k_code, k_param), (fmt.value_bits, v_code, v_param)):
-        code = code_view[blocks, :, offsets]  # [L, H, bytes]
-        params = param_view[blocks, :, offsets]
-        tokens, heads = code.shape[:2]
-        x = decode(code.flatten(0, 1), params.flatten(0, 1), bits, fmt.group_size, fmt.dtype)
-        out.append(x.view(tokens, heads, -1).transpose(0, 1))
-    return out[0], out[1]
+    value = decode(views.value_code[blocks, :, offsets].flatten(0, 1), views.value_param[blocks, :, offsets].flatten(0, 1),
+                   fmt.value_bits, fmt.group_size, fmt.dtype)
+    code = views.key_code[blocks, :, offsets]  # [L, H, bytes]
+    if fmt.kivi_keys:
+        scale, zero = _scale_zero(views.key_param[blocks, :, offsets // fmt.key_group_size])  # [L, H, D]
+        key = unpack_codes(code, fmt.key_bits).float() * scale.float() + zero.float()
+    else:
+        key = decode(code.flatten(0, 1), views.key_param[blocks, :, offsets].flatten(0, 1), fmt.key_bits,
+                     fmt.group_size, fmt.dtype)
+    heads = kv_cache.shape[1]
+    return key.reshape(length, heads, -1).transpose(0, 1), value.reshape(length, heads, -1).transpose(0, 1)
 
 
 def paged_attention_ref(
     query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
     kv_cache: torch.Tensor,
     block_table: torch.Tensor,
     seq_lens: torch.Tensor,
     query_start_loc: torch.Tensor,
     scale: float,
     fmt: LayerFormat,
-    sliding_window: int | None = None,
+    ring_cache: torch.Tensor | None = None,
+    ring_block_ids: torch.Tensor | None = None,
     softcap: float | None = None,
 ) -> torch.Tensor:
-    """Attention of query[T, Hq, D] over the packed cache (see the module docstring); returns [T, Hq, D]."""
+    """Attention of query[T, Hq, D] over the packed cache, the ring and the step's own key/value
+    [T, Hkv, D] (see the module docstring); returns [T, Hq, D]."""
     out = torch.empty_like(query)
-    num_q_heads = query.shape[1]
-    num_kv_heads = kv_cache.shape[1]
-    for seq in range(seq_lens.numel()):
-        start, end = int(query_start_loc[seq]), int(query_start_loc[seq + 1])
-        if end == start:
+    block_size = kv_cache.shape[2]
+    ring_k, ring_v = _ring_views(ring_cache, fmt) if fmt.has_window else (None, None)
+    for seq, start, rows, first in _sequence_rows(query_start_loc, seq_lens):
+        if rows == 0:
             continue
-        length = int(seq_lens[seq])
-        k, v = read_cache_ref(kv_cache, block_table[seq], length, fmt)
-        k = k.repeat_interleave(num_q_heads // num_kv_heads, dim=0)  # [Hq, L, D]
-        v = v.repeat_interleave(num_q_heads // num_kv_heads, dim=0)
-        q = query[start:end].float().transpose(0, 1)  # [Hq, q_len, D]
-        scores = torch.matmul(q, k.transpose(1, 2)) * scale
-        if softcap:
-            scores = torch.tanh(scores / softcap) * softcap
-        positions = torch.arange(length - (end - start), length, device=query.device).unsqueeze(-1)
-        keys = torch.arange(length, device=query.device).unsqueeze(0)
-        visible = keys <= positions
-        if sliding_window:
-            visible &= keys > positions - sliding_window
-        scores = scores.masked_fill(~visible, -math.inf)
-        out[start:end] = torch.matmul(scores.softmax(dim=-1), v).transpose(0, 1).to(query.dtype)
+        length = first + rows
+        key_hat, value_hat = read_cache_ref(kv_cache, block_table[seq], length, fmt)
+        full_k, full_v = torch.zeros_like(key_hat), torch.zeros_like(value_hat)
+        full_k[:, first:] = key[start : start + rows].transpose(0, 1).float()
+        full_v[:, first:] = value[start : start + rows].transpose(0, 1).float()
+        if ring_k is not None:  # window positions before this step (same block, last R): from the ring
+            earlier = torch.arange(int(window_start(torch.tensor(first), block_size, fmt.window)), first)
+            block = int(ring_block_ids[seq])
+            full_k[:, earlier] = ring_k[block, :, earlier % fmt.window].float()
+            full_v[:, earlier] = ring_v[block, :, earlier % fmt.window].float()
+        positions = torch.arange(first, length, device=query.device)
+        attended = mixed_attention(query[start : start + rows].transpose(0, 1), full_k, full_v, key_hat, value_hat,
+                                   positions, block_size, fmt.window, scale, softcap)
+        out[start : start + rows] = attended.transpose(0, 1).to(query.dtype)
     return out

@@ -3,8 +3,11 @@
 The compiled extension `kvtuner_vllm._C` is imported (and the fakes registered) on the
 first call or by `load_kernels()`, not at import time, so importing this module is cheap
 and works before the extension is built; a missing or stale build raises
-`KernelsNotBuiltError` with the command that fixes it.
-Both ops write in place (the cache, the output) and return nothing.
+`KernelsNotBuiltError` with the command that fixes it. Every op writes in place (the cache,
+the ring, the output) and returns nothing; format.py holds the reference of each.
+
+A step of one layer runs, in order: `quantize_and_cache` (packed pages), `paged_attention`,
+then `write_window` (the ring, for the next steps).
 """
 
 from __future__ import annotations
@@ -48,17 +51,25 @@ def quantize_and_cache(
     kv_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
     fmt: LayerFormat,
+    query_start_loc: torch.Tensor | None = None,
+    seq_lens: torch.Tensor | None = None,
+    ring_cache: torch.Tensor | None = None,
+    ring_block_ids: torch.Tensor | None = None,
 ) -> None:
-    """Quantize key/value [T, H_kv, D] and write them into kv_cache uint8[B, H_kv, N, C] at slot_mapping."""
+    """Quantize key/value [T, H_kv, D] into kv_cache uint8[B, H_kv, N, C] at slot_mapping
+    (format.quantize_and_cache_ref); kivi keys also read the sequences' rings."""
     load_kernels()
     torch.ops.kvtuner.quantize_and_cache(
-        key, value, kv_cache, slot_mapping, fmt.key_bits, fmt.value_bits, fmt.group_size
+        key, value, kv_cache, slot_mapping, ring_cache, ring_block_ids, query_start_loc, seq_lens,
+        fmt.key_bits, fmt.value_bits, fmt.group_size, fmt.kernel_key_group_size, fmt.window,
     )
 
 
 def paged_attention(
     out: torch.Tensor,
     query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
     kv_cache: torch.Tensor,
     block_table: torch.Tensor,
     seq_lens: torch.Tensor,
@@ -67,26 +78,48 @@ def paged_attention(
     max_seq_len: int,
     scale: float,
     fmt: LayerFormat,
-    sliding_window: int | None = None,
+    ring_cache: torch.Tensor | None = None,
+    ring_block_ids: torch.Tensor | None = None,
     softcap: float | None = None,
 ) -> None:
-    """Varlen causal attention of query [T, H_q, D] over the packed cache into out [T, H_q, D]
-    (format.paged_attention_ref is the definition)."""
+    """Varlen causal attention of query [T, H_q, D] into out [T, H_q, D] over the packed cache, the
+    rings and the step's own key/value [T, H_kv, D] (format.paged_attention_ref is the definition)."""
     load_kernels()
     torch.ops.kvtuner.paged_attention(
-        out, query, kv_cache, block_table, seq_lens, query_start_loc, max_query_len, max_seq_len, scale,
-        fmt.key_bits, fmt.value_bits, fmt.group_size, sliding_window or 0, softcap or 0.0,
+        out, query, key, value, kv_cache, ring_cache, ring_block_ids, block_table, seq_lens, query_start_loc,
+        max_query_len, max_seq_len, scale, fmt.key_bits, fmt.value_bits, fmt.group_size,
+        fmt.kernel_key_group_size, fmt.window, softcap or 0.0,
     )
+
+
+def write_window(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    ring_cache: torch.Tensor,
+    ring_block_ids: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    fmt: LayerFormat,
+) -> None:
+    """After attention: each sequence's last min(R, rows) positions into its ring (format.write_window_ref)."""
+    load_kernels()
+    torch.ops.kvtuner.write_window(key, value, ring_cache, ring_block_ids, query_start_loc, seq_lens, fmt.window)
 
 
 def _register_fakes() -> None:
     """Shape-only implementations for torch.compile / meta tensors: the ops only mutate."""
 
     @torch.library.register_fake("kvtuner::quantize_and_cache")
-    def _(key, value, kv_cache, slot_mapping, key_bits, value_bits, group_size) -> None:
+    def _(key, value, kv_cache, slot_mapping, ring_cache, ring_block_ids, query_start_loc, seq_lens, key_bits,
+          value_bits, group_size, key_group_size, residual_length) -> None:
         return None
 
     @torch.library.register_fake("kvtuner::paged_attention")
-    def _(out, query, kv_cache, block_table, seq_lens, query_start_loc, max_query_len, max_seq_len, scale,
-          key_bits, value_bits, group_size, sliding_window, softcap) -> None:
+    def _(out, query, key, value, kv_cache, ring_cache, ring_block_ids, block_table, seq_lens, query_start_loc,
+          max_query_len, max_seq_len, scale, key_bits, value_bits, group_size, key_group_size, residual_length,
+          softcap) -> None:
+        return None
+
+    @torch.library.register_fake("kvtuner::write_window")
+    def _(key, value, ring_cache, ring_block_ids, query_start_loc, seq_lens, residual_length) -> None:
         return None

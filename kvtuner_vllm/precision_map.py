@@ -1,5 +1,9 @@
-"""The per-layer precision map: schema, loading (v1 JSON/YAML and KVTuner preset YAML),
+"""The per-layer precision map: schema, loading (v1/v2 JSON/YAML and KVTuner preset YAML),
 validation against a model, and a capacity summary. No vLLM import.
+
+v2 adds the packed format's scheme options (format.py): `scheme` ("per-token-group" or
+"kivi"), `key_group_size` (kivi's token group) and `residual_length` (the full-precision
+window). A v1 map has none of them and keeps its meaning: per-token groups, no window.
 """
 
 from __future__ import annotations
@@ -14,8 +18,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from kvtuner_vllm import format as kvformat
 
-MAP_FORMAT = "kvtuner-precision-map/v1"
+MAP_FORMAT = "kvtuner-precision-map/v2"
+MAP_FORMATS = ("kvtuner-precision-map/v1", MAP_FORMAT)
 Bits = Literal[2, 4, 8, 16]
+# KVTuner's own settings for its presets' schemes (its kivi mode: residual 32, groups of 32).
+KVTUNER_KIVI = {"scheme": kvformat.KIVI, "key_group_size": 32, "residual_length": 32, "group_size": 32}
 
 
 class PrecisionMapError(ValueError):
@@ -35,30 +42,43 @@ class LayerPrecision(BaseModel):
 
 
 class PrecisionMap(BaseModel):
-    """One (key_bits, value_bits) pair per decoder layer, with the packed format's group size."""
+    """One (key_bits, value_bits) pair per decoder layer, with the packed format's options."""
 
     model_config = ConfigDict(extra="forbid")
-    format: Literal["kvtuner-precision-map/v1"] = MAP_FORMAT
+    format: Literal["kvtuner-precision-map/v1", "kvtuner-precision-map/v2"] = MAP_FORMAT
     model: str | None = None
     num_layers: int = Field(gt=0)
-    scheme: Literal["per-token-group"] = kvformat.SCHEME
+    scheme: Literal["per-token-group", "kivi"] = kvformat.PER_TOKEN
     group_size: int = Field(gt=0)
+    key_group_size: int = Field(default=0, ge=0)
+    residual_length: int = Field(default=0, ge=0)
     layers: list[LayerPrecision]
     calibration: dict[str, Any] | None = None
 
     @model_validator(mode="after")
-    def _layers_match_count(self) -> PrecisionMap:
+    def _consistent(self) -> PrecisionMap:
         if len(self.layers) != self.num_layers:
             raise ValueError(
                 f"num_layers is {self.num_layers} but {len(self.layers)} layer entries are given: "
                 "give exactly one entry per decoder layer"
             )
+        if self.format == MAP_FORMATS[0] and (self.scheme != kvformat.PER_TOKEN or self.residual_length):
+            raise ValueError(f'scheme and residual_length need "format": "{MAP_FORMAT}"')
+        kvformat.check_window(self.scheme, self.key_group_size, self.residual_length)
         return self
 
     @classmethod
-    def uniform(cls, num_layers: int, key_bits: int, value_bits: int, group_size: int, model: str | None = None):
+    def uniform(cls, num_layers: int, key_bits: int, value_bits: int, group_size: int, model: str | None = None,
+                **options) -> PrecisionMap:
+        """Every layer at one pair; `options` are scheme, key_group_size, residual_length."""
         layer = LayerPrecision(key_bits=key_bits, value_bits=value_bits)
-        return cls(model=model, num_layers=num_layers, group_size=group_size, layers=[layer] * num_layers)
+        return cls(model=model, num_layers=num_layers, group_size=group_size, layers=[layer] * num_layers, **options)
+
+    @property
+    def format_options(self) -> dict[str, Any]:
+        """What every layer shares besides its bits: group size, scheme, key group, window."""
+        return {"group_size": self.group_size, "scheme": self.scheme, "key_group_size": self.key_group_size,
+                "residual_length": self.residual_length}
 
     # -- summary ------------------------------------------------------------------
 
@@ -75,21 +95,40 @@ class PrecisionMap(BaseModel):
 
     def layer_format(self, layer: int, head_size: int, dtype) -> kvformat.LayerFormat:
         p = self.layers[layer]
-        return kvformat.LayerFormat(p.key_bits, p.value_bits, head_size, self.group_size, dtype)
+        return kvformat.LayerFormat(p.key_bits, p.value_bits, head_size, self.group_size, dtype, self.scheme,
+                                    self.key_group_size, self.residual_length)
+
+    def layer_formats(self, head_size: int, dtype) -> list[kvformat.LayerFormat]:
+        return [self.layer_format(i, head_size, dtype) for i in range(self.num_layers)]
 
     def kv_bytes_per_token(self, head_size: int, num_kv_heads: int, dtype) -> int:
-        """KV cache bytes one token costs across all layers."""
-        return num_kv_heads * sum(
-            self.layer_format(i, head_size, dtype).bytes_per_token for i in range(self.num_layers)
-        )
+        """KV cache bytes one token costs across all layers (the packed pages)."""
+        return num_kv_heads * sum(f.bytes_per_token for f in self.layer_formats(head_size, dtype))
+
+    def window_bytes_per_request(self, head_size: int, num_kv_heads: int, dtype) -> int:
+        """Bytes of one running request's full-precision window rings across all layers."""
+        return num_kv_heads * sum(f.window_bytes for f in self.layer_formats(head_size, dtype))
+
+    def describe_format(self) -> str:
+        """The shared options in words, for logs and `show-map`."""
+        if self.scheme == kvformat.KIVI:
+            text = f"kivi: keys per channel over {self.key_group_size} positions, values per {self.group_size} channels"
+        else:
+            text = f"per-token groups of {self.group_size} channels"
+        window = (f"the last {self.residual_length} positions of a block in full precision" if self.residual_length
+                  else "no full-precision window")
+        return f"{text}; {window}"
 
     def summary(self, head_size: int, num_kv_heads: int, dtype) -> str:
         packed = self.kv_bytes_per_token(head_size, num_kv_heads, dtype)
         dense = self.num_layers * num_kv_heads * 2 * head_size * dtype.itemsize
         lines = [
-            f"average bits {self.avg_bits:.2f}, group size {self.group_size}, "
-            f"{packed} KV bytes/token vs {dense} unquantized ({dense / packed:.2f}x the tokens)"
+            f"average bits {self.avg_bits:.2f}, {self.describe_format()}",
+            f"{packed} KV bytes/token vs {dense} unquantized ({dense / packed:.2f}x the tokens)",
         ]
+        window = self.window_bytes_per_request(head_size, num_kv_heads, dtype)
+        if window:
+            lines.append(f"window rings: {window:,} bytes per running request ({window / packed:.0f} tokens' worth)")
         for precision, layers in self.pairs().items():
             lines.append(f"  {precision.label:>6}: {len(layers):3d} layers {compact_ranges(layers)}")
         return "\n".join(lines)
@@ -126,7 +165,10 @@ class PrecisionMap(BaseModel):
         return yaml.safe_dump(data, sort_keys=False)
 
     @classmethod
-    def from_kvtuner_preset(cls, data: dict, group_size: int, model: str | None = None) -> PrecisionMap:
+    def from_kvtuner_preset(cls, data: dict, group_size: int, model: str | None = None,
+                            scheme: str = "pertoken") -> PrecisionMap:
+        """KVTuner's {layer: {nbits_key, nbits_value}}; a `kivi` preset gets KVTuner's kivi settings
+        (KVTUNER_KIVI), a `pertoken` one per-token groups of `group_size` without a window, as before v2."""
         if sorted(data) != list(range(len(data))):
             raise ValueError(f"layer indices must be 0..{len(data) - 1} without gaps, got {sorted(data)}")
         layers = []
@@ -135,11 +177,12 @@ class PrecisionMap(BaseModel):
             if not isinstance(entry, dict) or set(entry) != {"nbits_key", "nbits_value"}:
                 raise ValueError(f"layer {index}: expected nbits_key and nbits_value, got {entry!r}")
             layers.append(_layer(index, entry["nbits_key"], entry["nbits_value"]))
-        return cls(model=model, num_layers=len(layers), group_size=group_size, layers=layers)
+        options = KVTUNER_KIVI if scheme == "kivi" else {"group_size": group_size}
+        return cls(model=model, num_layers=len(layers), layers=layers, **options)
 
     @classmethod
     def load(cls, path: str | Path, group_size: int = 64) -> PrecisionMap:
-        """Load a v1 map (JSON or YAML) or a KVTuner preset YAML (which gets `group_size`)."""
+        """Load a map (JSON or YAML) or a KVTuner preset YAML (a `pertoken` one gets `group_size`)."""
         path = Path(path)
         try:
             data = yaml.safe_load(path.read_text())  # YAML is a superset of JSON
@@ -151,9 +194,10 @@ class PrecisionMap(BaseModel):
             if isinstance(data, dict) and "format" in data:
                 return cls.model_validate(data)
             if isinstance(data, dict) and data and all(isinstance(k, int) for k in data):
-                return cls.from_kvtuner_preset(data, group_size, model=_preset_model_name(path))
+                model, scheme = preset_name(path)
+                return cls.from_kvtuner_preset(data, group_size, model=model, scheme=scheme)
             raise ValueError(
-                f'expected a v1 map (a "format": "{MAP_FORMAT}" object) or a KVTuner preset '
+                f'expected a precision map (a "format": "{MAP_FORMAT}" object) or a KVTuner preset '
                 "(layer index -> nbits_key/nbits_value)"
             )
         except ValidationError as err:
@@ -182,29 +226,26 @@ def _describe(err: ValidationError) -> str:
             where = ".".join(str(x) for x in loc) or "map"
         hint = f" (allowed: {kvformat.SUPPORTED_BITS})" if where.endswith("_bits") else ""
         if where == "scheme":
-            hint = f" (this server reads only the {kvformat.SCHEME!r} scheme; KIVI per-channel keys are not served yet)"
+            hint = f" (known schemes: {kvformat.SCHEMES})"
         parts.append(f"{where}: {e['msg']}{hint}")
     return "; ".join(parts)
 
 
 _PRESET_NAME = re.compile(r"^(?P<model>.+?)_(?P<scheme>[A-Za-z]+)_KVTuner\d+_\d+$")
+PRESET_SCHEMES = ("pertoken", "kivi")
 
 
-def _preset_model_name(path: Path) -> str | None:
-    """KVTuner presets are named <model>_<scheme>_KVTuner<budget>_<n>.yaml; other names carry no model.
-
-    Only the `pertoken` scheme matches our per-token-group format: a `kivi` preset was searched
-    for per-channel keys, so serving it per token would not be what was calibrated.
-    """
+def preset_name(path: Path) -> tuple[str | None, str]:
+    """(model, KVTuner scheme) of a preset named <model>_<scheme>_KVTuner<budget>_<n>.yaml; other
+    names carry no model and count as `pertoken`."""
     match = _PRESET_NAME.match(path.stem)
     if match is None:
-        return None
-    if match["scheme"] != "pertoken":
+        return None, "pertoken"
+    if match["scheme"] not in PRESET_SCHEMES:
         raise ValueError(
-            f"unknown scheme {match['scheme']!r} for this server (it serves per-token groups only); "
-            "use the model's `pertoken` preset or a map from kvtuner-calibrate"
+            f"unknown KVTuner scheme {match['scheme']!r} in the file name: known schemes are {PRESET_SCHEMES}"
         )
-    return match["model"]
+    return match["model"], match["scheme"]
 
 
 def compact_ranges(indices: list[int]) -> str:
