@@ -14,6 +14,8 @@
 //   query_start_loc int32 [num_seqs + 1]
 //   key_group_size  kivi token group (0: per-token keys); residual_length R (0: no window)
 //   softcap         <= 0: none
+//   workspace       optional scratch for split-key partial results (CUDA: from vLLM's workspace
+//                   manager, sized by attention_workspace_size); without it the launcher allocates
 #pragma once
 
 #include <torch/all.h>
@@ -33,7 +35,8 @@
       const std::optional<torch::Tensor>& ring_block_ids, const torch::Tensor& block_table,                        \
       const torch::Tensor& seq_lens, const torch::Tensor& query_start_loc, int64_t max_query_len,                  \
       int64_t max_seq_len, double scale, int64_t key_bits, int64_t value_bits, int64_t group_size,                 \
-      int64_t key_group_size, int64_t residual_length, double softcap);                                            \
+      int64_t key_group_size, int64_t residual_length, double softcap,                                             \
+      const std::optional<torch::Tensor>& workspace);                                                              \
   void write_window_##SUFFIX(const torch::Tensor& key, const torch::Tensor& value, torch::Tensor& ring_cache,      \
                              const torch::Tensor& ring_block_ids, const torch::Tensor& query_start_loc,            \
                              const torch::Tensor& seq_lens, int64_t residual_length);

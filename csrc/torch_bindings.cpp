@@ -19,7 +19,7 @@ TORCH_LIBRARY(kvtuner, m) {
       "paged_attention(Tensor(a!) out, Tensor query, Tensor key, Tensor value, Tensor kv_cache, Tensor? ring_cache, "
       "Tensor? ring_block_ids, Tensor block_table, Tensor seq_lens, Tensor query_start_loc, int max_query_len, "
       "int max_seq_len, float scale, int key_bits, int value_bits, int group_size, int key_group_size, "
-      "int residual_length, float softcap) -> ()");
+      "int residual_length, float softcap, Tensor? workspace) -> ()");
   m.def(
       "write_window(Tensor key, Tensor value, Tensor(a!) ring_cache, Tensor ring_block_ids, Tensor query_start_loc, "
       "Tensor seq_lens, int residual_length) -> ()");

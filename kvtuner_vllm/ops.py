@@ -81,6 +81,7 @@ def paged_attention(
     ring_cache: torch.Tensor | None = None,
     ring_block_ids: torch.Tensor | None = None,
     softcap: float | None = None,
+    workspace: torch.Tensor | None = None,
 ) -> None:
     """Varlen causal attention of query [T, H_q, D] into out [T, H_q, D] over the packed cache, the
     rings and the step's own key/value [T, H_kv, D] (format.paged_attention_ref is the definition)."""
@@ -88,7 +89,7 @@ def paged_attention(
     torch.ops.kvtuner.paged_attention(
         out, query, key, value, kv_cache, ring_cache, ring_block_ids, block_table, seq_lens, query_start_loc,
         max_query_len, max_seq_len, scale, fmt.key_bits, fmt.value_bits, fmt.group_size,
-        fmt.kernel_key_group_size, fmt.window, softcap or 0.0,
+        fmt.kernel_key_group_size, fmt.window, softcap or 0.0, workspace,
     )
 
 
@@ -117,7 +118,7 @@ def _register_fakes() -> None:
     @torch.library.register_fake("kvtuner::paged_attention")
     def _(out, query, key, value, kv_cache, ring_cache, ring_block_ids, block_table, seq_lens, query_start_loc,
           max_query_len, max_seq_len, scale, key_bits, value_bits, group_size, key_group_size, residual_length,
-          softcap) -> None:
+          softcap, workspace) -> None:
         return None
 
     @torch.library.register_fake("kvtuner::write_window")
