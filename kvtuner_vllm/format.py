@@ -421,7 +421,8 @@ def _ring_views(ring_cache: torch.Tensor, fmt: LayerFormat) -> tuple[torch.Tenso
     """(K, V) views [B, H, R, D] in the model dtype of a ring cache [B, H, R, 2D] (any dtype of the same bytes)."""
     ring = ring_cache.view(fmt.dtype) if ring_cache.dtype != fmt.dtype else ring_cache
     if ring.shape[2:] != (fmt.window, 2 * fmt.head_size):
-        raise ValueError(f"ring holds [.., {list(ring.shape[2:])}], format needs [.., {[fmt.window, 2 * fmt.head_size]}]")
+        raise ValueError(f"ring holds [.., {list(ring.shape[2:])}] per block and head, format needs "
+                         f"[.., {[fmt.window, 2 * fmt.head_size]}]")
     planes = ring.flatten(2).unflatten(-1, (2, fmt.window, fmt.head_size))  # K rows then V rows
     return planes[:, :, 0], planes[:, :, 1]
 
@@ -546,7 +547,8 @@ def mixed_attention(
     Positions a query does not read may hold anything finite.
     """
     groups = query.shape[0] // key.shape[0]
-    key, value, key_hat, value_hat = (t.float().repeat_interleave(groups, dim=0) for t in (key, value, key_hat, value_hat))
+    key, value, key_hat, value_hat = (t.float().repeat_interleave(groups, dim=0)
+                                      for t in (key, value, key_hat, value_hat))
     q = query.float()
     keys = torch.arange(key.shape[1], device=query.device).unsqueeze(0)
     positions = query_positions.unsqueeze(-1)
@@ -589,8 +591,8 @@ def read_cache_ref(
     positions = torch.arange(length, device=kv_cache.device)
     blocks = block_ids.long()[positions // block_size]
     offsets = positions % block_size
-    value = decode(views.value_code[blocks, :, offsets].flatten(0, 1), views.value_param[blocks, :, offsets].flatten(0, 1),
-                   fmt.value_bits, fmt.group_size, fmt.dtype)
+    value = decode(views.value_code[blocks, :, offsets].flatten(0, 1),
+                   views.value_param[blocks, :, offsets].flatten(0, 1), fmt.value_bits, fmt.group_size, fmt.dtype)
     code = views.key_code[blocks, :, offsets]  # [L, H, bytes]
     if fmt.kivi_keys:
         scale, zero = _scale_zero(views.key_param[blocks, :, offsets // fmt.key_group_size])  # [L, H, D]

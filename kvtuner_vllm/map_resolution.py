@@ -5,7 +5,7 @@ Resolution order (first that exists wins):
   2. the environment variable KVTUNER_PRECISION_MAP
   3. `kvtuner_precision_map.json` in the model folder
   4. a preset bundled in kvtuner_vllm/presets/ for the model, matched by name
-  5. uniform K8V4, with a warning
+  5. uniform K8V4 with a full-precision window of 32 positions, with a warning
 The `kvtuner` additional-config object may also set `group_size` (overrides the map's) and
 `preset` (the stem of a bundled preset, instead of matching by name).
 """
@@ -30,6 +30,7 @@ ENV_VAR = "KVTUNER_PRECISION_MAP"
 MODEL_FOLDER_FILE = "kvtuner_precision_map.json"
 PRESET_DIR = Path(__file__).parent / "presets"
 DEFAULT_PAIR = (8, 4)
+DEFAULT_RESIDUAL_LENGTH = 32  # a near-lossless default; kvtuner-calibrate finds smaller maps
 CONFIG_KEY = "kvtuner"
 # Where the API server leaves the resolved map inside additional_config, so that EngineCore and
 # the workers (which get the pickled VllmConfig) use exactly the map that was validated.
@@ -115,13 +116,15 @@ def _pick(options: dict[str, Any], model: ModelInfo, environ, group_size: int) -
     preset = find_preset(model.names, options.get("preset"))
     if preset is not None:
         return ResolvedMap(PrecisionMap.load(preset, group_size), f"bundled preset {preset.name}")
+    label = f"K{DEFAULT_PAIR[0]}V{DEFAULT_PAIR[1]}"
     warning = (
         f"no precision map found for {model.names[0]} (looked at --additional-config, ${ENV_VAR}, "
-        f"{MODEL_FOLDER_FILE} in the model folder and the bundled presets): using uniform "
-        f"K{DEFAULT_PAIR[0]}V{DEFAULT_PAIR[1]}; calibrate one with kvtuner-calibrate"
+        f"{MODEL_FOLDER_FILE} in the model folder and the bundled presets): using uniform {label}; "
+        "calibrate one with kvtuner-calibrate"
     )
-    uniform = PrecisionMap.uniform(model.num_layers, *DEFAULT_PAIR, group_size)
-    return ResolvedMap(uniform, f"default uniform K{DEFAULT_PAIR[0]}V{DEFAULT_PAIR[1]}", (warning,))
+    uniform = PrecisionMap.uniform(model.num_layers, *DEFAULT_PAIR, group_size,
+                                   residual_length=DEFAULT_RESIDUAL_LENGTH)
+    return ResolvedMap(uniform, f"default uniform {label}", (warning,))
 
 
 def normalize_name(name: str) -> str:
@@ -137,7 +140,8 @@ def preset_model_name(path: Path) -> str:
 
 def find_preset(names: tuple[str, ...], wanted: str | None = None) -> Path | None:
     """The bundled preset for the model: our own calibrated JSON first, else the more accurate
-    (higher average bits) of the two ~4-bit KVTuner per-token Pareto points."""
+    (higher average bits) of KVTuner's two ~4-bit Pareto points, from its `kivi` search (the one
+    behind its headline results, served with KVTuner's window) before its `pertoken` one."""
     presets = sorted(PRESET_DIR.glob("*.json")) + sorted(PRESET_DIR.glob("*.yaml"))
     if wanted is not None:
         for path in presets:
@@ -152,10 +156,11 @@ def find_preset(names: tuple[str, ...], wanted: str | None = None) -> Path | Non
     calibrated = [p for p in matches if p.suffix == ".json"]
     if calibrated:
         return calibrated[0]
-    four_bit = [p for p in matches if "_pertoken_KVTuner4_" in p.name]
-    if not four_bit:
-        return None
-    return max(four_bit, key=lambda p: PrecisionMap.load(p).avg_bits)
+    for scheme in ("kivi", "pertoken"):
+        four_bit = [p for p in matches if f"_{scheme}_KVTuner4_" in p.name]
+        if four_bit:
+            return max(four_bit, key=lambda p: PrecisionMap.load(p).avg_bits)
+    return None
 
 
 def _matches(preset_key: str, model_keys: set[str]) -> bool:

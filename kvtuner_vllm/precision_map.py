@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from kvtuner_vllm import format as kvformat
+from kvtuner_vllm.errors import KVTunerConfigError
 
 MAP_FORMAT = "kvtuner-precision-map/v2"
 MAP_FORMATS = ("kvtuner-precision-map/v1", MAP_FORMAT)
@@ -25,7 +26,7 @@ Bits = Literal[2, 4, 8, 16]
 KVTUNER_KIVI = {"scheme": kvformat.KIVI, "key_group_size": 32, "residual_length": 32, "group_size": 32}
 
 
-class PrecisionMapError(ValueError):
+class PrecisionMapError(KVTunerConfigError):
     """A map that cannot be used: the message names the file, the layer and the fix."""
 
 
@@ -128,7 +129,7 @@ class PrecisionMap(BaseModel):
         ]
         window = self.window_bytes_per_request(head_size, num_kv_heads, dtype)
         if window:
-            lines.append(f"window rings: {window:,} bytes per running request ({window / packed:.0f} tokens' worth)")
+            lines.append(f"window: {window:,} bytes of rings per running request ({window / packed:.0f} tokens' worth)")
         for precision, layers in self.pairs().items():
             lines.append(f"  {precision.label:>6}: {len(layers):3d} layers {compact_ranges(layers)}")
         return "\n".join(lines)

@@ -1,5 +1,5 @@
 """The bridge between vLLM's VllmConfig and the precision map: refusal of what we cannot serve,
-map resolution in the API server, per-layer formats in the workers, and the startup log block.
+map resolution in the API server, per-layer formats and rings in the workers, and the startup log.
 Imported lazily by kvtuner_vllm.plugin, only when --kv-cache-dtype is kvtuner.
 """
 
@@ -8,7 +8,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from kvtuner_vllm import DTYPE
 from kvtuner_vllm import format as kvformat
+from kvtuner_vllm.errors import UnsupportedConfigError
 from kvtuner_vllm.map_resolution import (
     CONFIG_KEY,
     RESOLVED_KEY,
@@ -18,7 +20,6 @@ from kvtuner_vllm.map_resolution import (
     resolve,
     user_options,
 )
-from kvtuner_vllm.plugin import DTYPE, UnsupportedConfigError
 from kvtuner_vllm.precision_map import PrecisionMapError
 
 logger = logging.getLogger("vllm.kvtuner")
@@ -51,20 +52,20 @@ def _model_folder(mc) -> Path | None:
     return Path(config).parent if isinstance(config, str) else None
 
 
-def check_supported(vllm_config) -> None:
-    """Refuse, at startup, every model shape and vLLM feature the packed pages do not handle."""
-    mc, cc = vllm_config.model_config, vllm_config.cache_config
+def _refusals(vllm_config) -> list[str]:
+    """Every model shape and vLLM feature the packed pages do not handle, in words."""
+    mc, cc, pc = vllm_config.model_config, vllm_config.cache_config, vllm_config.parallel_config
     text = mc.hf_text_config
     sliding = (mc.get_sliding_window() is not None and getattr(text, "use_sliding_window", True)) or any(
         "sliding" in str(t) for t in getattr(text, "layer_types", None) or ()
     )
-    pc = vllm_config.parallel_config
     refused = [
         (mc.use_mla, "MLA attention (latent KV cache)"),
         (mc.is_encoder_decoder, "encoder-decoder models (cross-attention)"),
         (mc.is_hybrid or mc.has_inner_state or mc.is_attention_free, "hybrid, state-space or attention-free models"),
         (sliding, "sliding-window attention (sliding-window-only or hybrid local/global models)"),
         (mc.runner_type != "generate", f"the {mc.runner_type!r} runner (pooling or encoder-only models)"),
+        (getattr(mc, "is_mm_prefix_lm", False), "prefix-LM attention (bidirectional over multimodal prefixes)"),
         (vllm_config.speculative_config is not None, "speculative decoding"),
         (vllm_config.kv_transfer_config is not None, "KV connectors (--kv-transfer-config)"),
         (bool(cc.kv_offloading_size), "KV offloading"),
@@ -73,11 +74,34 @@ def check_supported(vllm_config) -> None:
         (mc.get_head_size() not in kvformat.SUPPORTED_HEAD_SIZES,
          f"head size {mc.get_head_size()} (supported: {kvformat.SUPPORTED_HEAD_SIZES})"),
     ]
-    reasons = [what for flag, what in refused if flag]
+    return [what for flag, what in refused if flag]
+
+
+def check_supported(vllm_config) -> None:
+    """Refuse, at startup, every model shape and vLLM feature the packed pages do not handle."""
+    reasons = _refusals(vllm_config)
     if reasons:
         raise UnsupportedConfigError(
-            f"--kv-cache-dtype {DTYPE} cannot serve {mc.model}: it does not support {'; '.join(reasons)}. "
-            "Serve this model with --kv-cache-dtype auto (or fp8)."
+            f"--kv-cache-dtype {DTYPE} cannot serve {vllm_config.model_config.model}: it does not support "
+            f"{'; '.join(reasons)}. Serve this model with --kv-cache-dtype auto (or fp8)."
+        )
+
+
+def check_window_support(vllm_config, resolved: ResolvedMap) -> None:
+    """What a map's window and kivi groups need of the engine: a block size that holds them, and
+    vLLM's hybrid KV cache manager (which allocates the per-request rings)."""
+    block_size = vllm_config.cache_config.block_size
+    if block_size is not None:
+        fmt = resolved.map.layer_format(0, vllm_config.model_config.get_head_size(), vllm_config.model_config.dtype)
+        try:
+            kvformat.check_block_size(fmt, block_size)
+        except ValueError as err:
+            raise PrecisionMapError(f"{resolved.source}: {err}") from None
+    if resolved.map.residual_length and vllm_config.scheduler_config.disable_hybrid_kv_cache_manager:
+        raise UnsupportedConfigError(
+            f"{resolved.source}: the map's full-precision window (residual_length {resolved.map.residual_length}) "
+            "needs vLLM's hybrid KV cache manager, which is disabled: remove --disable-hybrid-kv-cache-manager "
+            "(and any KV connector), or use a map with residual_length 0"
         )
 
 
@@ -93,6 +117,7 @@ def resolve_for_vllm(vllm_config) -> ResolvedMap:
         check(resolved, model_info(vllm_config))
         return resolved
     resolved = resolve(options, model_info(vllm_config))
+    check_window_support(vllm_config, resolved)
     for warning in resolved.warnings:
         logger.warning("kvtuner: %s", warning)
     logger.info("kvtuner: precision map from %s (%.2f average bits)", resolved.source, resolved.map.avg_bits)
@@ -109,7 +134,7 @@ def resolved_map(vllm_config) -> ResolvedMap:
     return resolve_for_vllm(vllm_config)  # a VllmConfig built without the platform hook
 
 
-def layer_format(vllm_config, layer_name: str, head_size: int, num_kv_heads: int) -> kvformat.LayerFormat:
+def layer_format(vllm_config, layer_name: str, head_size: int) -> kvformat.LayerFormat:
     """The packed format of one attention layer, from its index in the layer name."""
     from vllm.model_executor.models.utils import extract_layer_index
 
@@ -120,34 +145,70 @@ def layer_format(vllm_config, layer_name: str, head_size: int, num_kv_heads: int
             f"{resolved.source}: the model has an attention layer {layer_name} (index {index}) but the map "
             f"covers layers 0-{resolved.map.num_layers - 1}; use a map calibrated for this model"
         )
-    return resolved.map.layer_format(index, head_size, vllm_config.model_config.dtype)
+    fmt = resolved.map.layer_format(index, head_size, vllm_config.model_config.dtype)
+    if vllm_config.cache_config.block_size is not None:
+        try:
+            kvformat.check_block_size(fmt, vllm_config.cache_config.block_size)
+        except ValueError as err:
+            raise PrecisionMapError(f"{resolved.source}, layer {index}: {err}") from None
+    return fmt
 
 
-def startup_block(vllm_config, memory_bytes: int, num_tokens: int) -> str:
-    """The one log block: map source, average bits, (K, V) pairs, bytes per token, capacity vs bf16."""
+def bind_layer(attention) -> None:
+    """At an Attention layer's construction: its packed format on the impl, and its window ring."""
+    from vllm.config import get_current_vllm_config
+
+    from kvtuner_vllm import BACKEND_NAME
+    from kvtuner_vllm.backend.ring import register_ring
+
+    if attention.attn_backend.get_name() != BACKEND_NAME:
+        # vLLM's own backends would read the packed bytes as bf16 without complaint.
+        raise UnsupportedConfigError(
+            f"layer {attention.layer_name} got backend {attention.attn_backend.get_name()} for --kv-cache-dtype {DTYPE}"
+        )
+    vllm_config = get_current_vllm_config()
+    fmt = layer_format(vllm_config, attention.layer_name, attention.head_size)
+    ring_name = register_ring(vllm_config, attention, fmt) if fmt.has_window else None
+    attention.impl.bind(fmt, ring_name)
+
+
+def startup_block(vllm_config, memory_bytes: int, num_tokens: int, ring_blocks: int = 0,
+                  tokens_with_rings: int | None = None) -> str:
+    """The one log block: map source and format, (K, V) pairs, bytes per token, capacity vs bf16, and
+    what the window rings cost (`ring_blocks` blocks per running request)."""
     resolved = resolved_map(vllm_config)
     info = model_info(vllm_config)
     block_size = vllm_config.cache_config.block_size
     dense_per_token = info.num_layers * info.num_kv_heads * 2 * info.head_size * info.dtype.itemsize
-    packed_per_token = resolved.map.kv_bytes_per_token(info.head_size, info.num_kv_heads, info.dtype)
     dense_tokens = memory_bytes // (dense_per_token * block_size) * block_size
-    # Pages are exact per layer (no padding to a common size): what is left is under one block.
-    remainder = memory_bytes - num_tokens * packed_per_token
     dtype_name = str(info.dtype).removeprefix("torch.")
-    return "\n".join([
+    lines = [
         "kvtuner KV cache",
         f"  precision map: {resolved.source}",
         "  " + resolved.map.summary(info.head_size, info.num_kv_heads, info.dtype).replace("\n", "\n  "),
         f"  KV capacity: {num_tokens:,} tokens in {memory_bytes / 2**30:.2f} GiB; {dtype_name} would hold "
-        f"{dense_tokens:,} tokens ({num_tokens / max(dense_tokens, 1):.2f}x); page padding 0 bytes, "
-        f"{remainder:,} bytes left over (under one block)",
-    ])
+        f"{dense_tokens:,} tokens ({num_tokens / max(dense_tokens, 1):.2f}x)",
+    ]
+    if ring_blocks:
+        max_len = vllm_config.model_config.max_model_len
+        lines.append(
+            f"  allocated as {ring_blocks} ring block(s) ({ring_blocks * block_size} tokens' worth) per running "
+            "request; "
+            f"with them, {max_len}-token requests fill {tokens_with_rings:,} tokens "
+            f"({tokens_with_rings / max(dense_tokens, 1):.2f}x {dtype_name})"
+        )
+    return "\n".join(lines)
 
 
 def log_startup_block(vllm_config, kv_cache_config) -> None:
+    """In EngineCore, once vLLM has sized the cache: our block next to vLLM's own capacity line."""
     # Every KVCacheTensor describes a view into one shared backing allocation of `size` bytes.
     memory_bytes = vllm_config.cache_config.kv_cache_memory_bytes or max(
         tensor.size for tensor in kv_cache_config.kv_cache_tensors
     )
     num_tokens = kv_cache_config.num_blocks * vllm_config.cache_config.block_size
-    logger.info("%s", startup_block(vllm_config, memory_bytes, num_tokens))
+    # Each ring group (vLLM packs as many rings into a block as fit) holds one block per request;
+    # vLLM's own count (max concurrency x max_model_len) already charges each request those blocks.
+    ring_blocks = sum(not group.kv_cache_spec.prefix_cacheable for group in kv_cache_config.kv_cache_groups)
+    logger.info("%s", startup_block(vllm_config, memory_bytes, num_tokens, ring_blocks,
+                                    vllm_config.cache_config.kv_cache_size_tokens))

@@ -1,5 +1,4 @@
-"""The CPU backend: vLLM's CPU backend class (dtypes, causal and non-causal flags) with our
-dtype, layout, impl and builder.
+"""The CPU backend: vLLM's CPU backend class with our declarations, layout, impl and builder.
 
 A 16/16 layer's page is byte-identical to vLLM's own bf16 CPU page ([B, H, N, 2D], K plane then V
 plane, format.py), so such layers run vLLM's own CPU kernels: an all-16 map computes exactly what
@@ -10,7 +9,6 @@ knows from its spec whether its group is unquantized.
 
 from __future__ import annotations
 
-import torch
 from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackend,
     CPUAttentionBackendImpl,
@@ -20,16 +18,16 @@ from vllm.v1.attention.backends.cpu_attn import (
 from kvtuner_vllm.backend.common import KVTunerAttentionImpl, KVTunerBackendMixin, KVTunerMetadataBuilder
 
 
-def _unquantized(head_size: int, state_content_bytes: int | None, dtype: torch.dtype) -> bool:
-    return state_content_bytes == 2 * head_size * dtype.itemsize
+def unquantized_spec(kv_cache_spec, dtype) -> bool:
+    """Whether a group's spec is that of 16/16 layers (pages vLLM's kernels read as they are)."""
+    return kv_cache_spec.state_content_bytes == 2 * kv_cache_spec.head_size * dtype.itemsize
 
 
 class KVTunerCPUMetadataBuilder(KVTunerMetadataBuilder):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        dtype = vllm_config.model_config.dtype
         self.stock = None
-        if _unquantized(kv_cache_spec.head_size, kv_cache_spec.state_content_bytes, dtype):
+        if unquantized_spec(kv_cache_spec, vllm_config.model_config.dtype):
             # Also picks the ISA and stamps it on the group's layers (layer.isa), as stock does.
             self.stock = CPUAttentionMetadataBuilder(kv_cache_spec, layer_names, vllm_config, device)
 
@@ -46,24 +44,20 @@ class KVTunerCPUAttentionImpl(KVTunerAttentionImpl):
                  kv_sharing_target_layer_name=None, **extra_impl_args) -> None:
         super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype,
                          logits_soft_cap, attn_type, kv_sharing_target_layer_name, **extra_impl_args)
-        self.stock = CPUAttentionBackendImpl(num_heads, head_size, scale, self.num_kv_heads, None, sliding_window,
+        self.stock = CPUAttentionBackendImpl(num_heads, head_size, scale, self.num_kv_heads, None, None,
                                              "auto", logits_soft_cap, attn_type)
 
-    def _runs_stock(self, layer) -> bool:
-        fmt = self._format(layer)
-        return fmt.key_bits == fmt.value_bits == 16
-
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
-        if self._runs_stock(layer):
-            self.stock.do_kv_cache_update(layer, key, value, kv_cache.view(self._format(layer).dtype), slot_mapping)
+        if self.fmt.unquantized:
+            self.stock.do_kv_cache_update(layer, key, value, kv_cache.view(self.fmt.dtype), slot_mapping)
         else:
             super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
-        if attn_metadata is not None and attn_metadata.stock is not None and self._runs_stock(layer):
-            return self.stock.forward(layer, query, key, value, kv_cache.view(self._format(layer).dtype),
-                                      attn_metadata.stock, output, output_scale, output_block_scale)
+        if attn_metadata is not None and self.fmt.unquantized:
+            return self.stock.forward(layer, query, key, value, kv_cache.view(self.fmt.dtype), attn_metadata.stock,
+                                      output, output_scale, output_block_scale)
         return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                                output_block_scale)
 

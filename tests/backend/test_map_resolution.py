@@ -10,6 +10,7 @@ import pytest
 from kvtuner_vllm.map_resolution import (
     ENV_VAR,
     MODEL_FOLDER_FILE,
+    PRESET_DIR,
     ModelInfo,
     find_preset,
     resolve,
@@ -61,21 +62,34 @@ def test_order_additional_config_then_env_then_folder_then_default(tmp_path, fol
     other = ModelInfo(names=("/x/unknown-model",), folder=folder, num_layers=30, head_size=64, num_kv_heads=3)
     last = resolve({}, other, {})
     assert last.map.layers[0].label == "K8V4" and last.map.num_layers == 30 and last.warnings
+    assert last.map.residual_length == 32 and last.map.scheme == "per-token-group"
 
 
 def test_bundled_presets_match_by_name():
     llama = find_preset(("meta-llama/Llama-3.1-8B-Instruct",))
-    assert llama is not None and llama.name.startswith("Meta-Llama-3.1-8B-Instruct_pertoken_KVTuner4_")
-    # the more accurate of the two ~4-bit Pareto points
-    assert PrecisionMap.load(llama).avg_bits == pytest.approx(3.97, abs=0.01)
-    assert find_preset(("Qwen/Qwen2.5-7B-Instruct",)).name.startswith("Qwen2.5-7B-Instruct_pertoken")
+    assert llama is not None and llama.name.startswith("Meta-Llama-3.1-8B-Instruct_kivi_KVTuner4_")
+    # the more accurate of the two ~4-bit Pareto points, with KVTuner's kivi settings
+    loaded = PrecisionMap.load(llama)
+    assert loaded.avg_bits == pytest.approx(3.25, abs=0.01)
+    assert (loaded.scheme, loaded.key_group_size, loaded.residual_length, loaded.group_size) == ("kivi", 32, 32, 32)
+    assert find_preset(("Qwen/Qwen2.5-7B-Instruct",)).name.startswith("Qwen2.5-7B-Instruct_kivi")
     assert find_preset(("mistralai/Mistral-7B-Instruct-v0.3",)) is not None
     assert find_preset(("Qwen/Qwen2.5-0.5B-Instruct",)) is None
+    assert find_preset(("HuggingFaceTB/SmolLM2-135M-Instruct",)).name == "SmolLM2-135M-Instruct.json"
     model = ModelInfo(
         names=("meta-llama/Llama-3.1-8B-Instruct",), folder=None, num_layers=32, head_size=128, num_kv_heads=8
     )
     resolved = resolve({}, model, {})
     assert "bundled preset" in resolved.source and resolved.map.num_layers == 32
+
+
+def test_every_bundled_kvtuner_preset_loads_with_its_scheme():
+    presets = sorted(PRESET_DIR.glob("*_KVTuner*.yaml"))
+    assert len(presets) == 32
+    for path in presets:
+        loaded = PrecisionMap.load(path)
+        expected = ("kivi", 32) if "_kivi_" in path.name else ("per-token-group", 0)
+        assert (loaded.scheme, loaded.residual_length) == expected, path.name
 
 
 def test_preset_option_and_group_size_override(tmp_path):
@@ -110,7 +124,8 @@ def test_unknown_option_is_an_error():
             lambda p: write_map(p / "group.json", group_size=128),
             r"group\.json: group size 128 does not divide head size 64",
         ),
-        (lambda p: write_map(p / "scheme.json", scheme="per-channel"), r"scheme\.json: scheme.*per-token-group"),
+        (lambda p: write_map(p / "scheme.json", scheme="per-channel"),
+         r"scheme\.json: scheme.*'per-token-group', 'kivi'"),
         (
             lambda p: write_map(p / "other.json", model="Qwen2.5-7B-Instruct"),
             r"other\.json.*made for model 'Qwen2\.5-7B-Instruct'",
@@ -124,11 +139,30 @@ def test_bad_maps_name_the_file_and_the_fix(tmp_path, make, message):
         resolve({"precision_map": str(path)}, SMOL, {})
 
 
-def test_kivi_preset_is_an_unknown_scheme(tmp_path):
-    path = tmp_path / "SmolLM2-135M-Instruct_kivi_KVTuner4_0.yaml"
+def test_unknown_kvtuner_scheme_in_a_preset_name(tmp_path):
+    path = tmp_path / "SmolLM2-135M-Instruct_hadamard_KVTuner4_0.yaml"
     path.write_text("".join(f"{i}:\n  nbits_key: 4\n  nbits_value: 2\n" for i in range(30)))
-    with pytest.raises(PrecisionMapError, match="unknown scheme 'kivi'"):
+    with pytest.raises(PrecisionMapError, match="unknown KVTuner scheme 'hadamard'.*pertoken.*kivi"):
         resolve({"precision_map": str(path)}, SMOL, {})
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"scheme": "kivi", "residual_length": 32}, "kivi scheme needs key_group_size"),
+    ({"scheme": "kivi", "key_group_size": 64, "residual_length": 32}, "residual_length >= key_group_size"),
+    ({"key_group_size": 32}, "key_group_size applies to the kivi scheme only"),
+    ({"residual_length": 300}, r"residual_length 300 must lie in \[0, 256\]"),
+])
+def test_bad_v2_options_name_the_fix(tmp_path, options, message):
+    path = write_map(tmp_path / "v2.json", format="kvtuner-precision-map/v2", **options)
+    with pytest.raises(PrecisionMapError, match=message):
+        resolve({"precision_map": str(path)}, SMOL, {})
+
+
+def test_v1_maps_keep_their_meaning(tmp_path):
+    loaded = resolve({"precision_map": str(write_map(tmp_path / "v1.json"))}, SMOL, {}).map
+    assert (loaded.scheme, loaded.residual_length, loaded.key_group_size) == ("per-token-group", 0, 0)
+    with pytest.raises(PrecisionMapError, match="need .format.: .kvtuner-precision-map/v2"):
+        resolve({"precision_map": str(write_map(tmp_path / "v1w.json", residual_length=32))}, SMOL, {})
 
 
 def test_kvtuner_yaml_with_any_name_is_read(tmp_path):
