@@ -50,8 +50,9 @@ N = block_size:
     [ V codes  N x value_code_bytes          ]
     [ V params N x value_param_bytes         ]
 
-so one head's tokens are contiguous for the kernels, and a 16/16 layer is byte-identical
-to vLLM's CPU bf16 page ([B, H, N, 2D] = K plane then V plane).
+so one head's tokens are contiguous for the kernels. A 16/16 layer's page has exactly the
+size of vLLM's own page; on CPU the backend hands such layers to vLLM's own kernels, which
+arrange K and V inside the page their own way (ISA-specific tiles), so only they read it.
 
 The full-precision window (residual_length R > 0)
 -------------------------------------------------
@@ -67,8 +68,7 @@ being written) live in a per-request ring of R positions per layer and KV head, 
 model dtype, position j at ring row j mod R:
 
     ring plane (one ring block, one head) = [ K  R x D ][ V  R x D ]   (model dtype)
-
-(the layout of vLLM's bf16 page with N = R). A step's own positions are read from its
+ A step's own positions are read from its
 fresh key/value rows. For kivi, R >= G_t and G_t | N put every key group that a window
 does not cover in a complete group. R = 0 is format v1: every position, the query's own
 included, is read from the packed pages.

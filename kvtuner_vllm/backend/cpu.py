@@ -1,10 +1,10 @@
 """The CPU backend: vLLM's CPU backend class with our declarations, layout, impl and builder.
 
-A 16/16 layer's page is byte-identical to vLLM's own bf16 CPU page ([B, H, N, 2D], K plane then V
-plane, format.py), so such layers run vLLM's own CPU kernels: an all-16 map computes exactly what
-`--kv-cache-dtype auto` does, and unquantized layers of a mixed map pay nothing extra. vLLM groups
-layers by spec, and only 16/16 layers have a page of 2·D·itemsize bytes per token, so a builder
-knows from its spec whether its group is unquantized.
+A 16/16 layer's page has the size of vLLM's own CPU page, so such layers are handed to vLLM's own
+CPU cache writer and attention kernels, which lay K and V out inside it their own way (per ISA):
+an all-16 map computes exactly what `--kv-cache-dtype auto` does, and unquantized layers of a mixed
+map pay nothing extra. vLLM groups layers by spec, and only 16/16 layers have a page of
+2·D·itemsize bytes per token, so a builder knows from its spec whether its group is unquantized.
 """
 
 from __future__ import annotations
