@@ -66,6 +66,7 @@ def _refusals(vllm_config) -> list[str]:
         (sliding, "sliding-window attention (sliding-window-only or hybrid local/global models)"),
         (mc.runner_type != "generate", f"the {mc.runner_type!r} runner (pooling or encoder-only models)"),
         (getattr(mc, "is_mm_prefix_lm", False), "prefix-LM attention (bidirectional over multimodal prefixes)"),
+        (_batch_invariant(), "batch-invariant mode (VLLM_BATCH_INVARIANT=1)"),
         (vllm_config.speculative_config is not None, "speculative decoding"),
         (vllm_config.kv_transfer_config is not None, "KV connectors (--kv-transfer-config)"),
         (bool(cc.kv_offloading_size), "KV offloading"),
@@ -75,6 +76,12 @@ def _refusals(vllm_config) -> list[str]:
          f"head size {mc.get_head_size()} (supported: {kvformat.SUPPORTED_HEAD_SIZES})"),
     ]
     return [what for flag, what in refused if flag]
+
+
+def _batch_invariant() -> bool:
+    import vllm.envs as envs
+
+    return bool(envs.VLLM_BATCH_INVARIANT)
 
 
 def _cpu_eager_pipeline(vllm_config) -> bool:

@@ -4,6 +4,8 @@ with the same process-safe lock-and-rename as the bundled SmolLM2 (kvtuner_vllm.
 * `smollm2_dir()`: the real SmolLM2-135M-Instruct, bf16 (30 layers, head size 64, 3 KV heads).
 * `tiny_llama_dir(head_size)`: a tiny random Llama (4 layers, hidden 256, 2 KV heads, bf16, fixed
   seed) with SmolLM2's tokenizer and chat template, so vLLM can serve it; head_size 64 or 128.
+  Its weights are initialized wider than transformers' default (std 0.1, not 0.02), so its greedy
+  continuations vary from token to token instead of repeating one token.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ TINY_HIDDEN = 256
 TINY_KV_HEADS = 2
 TINY_Q_HEADS = 4
 TINY_SEED = 0
-TINY_VERSION = 1  # bump when the recipe changes
+TINY_INIT_STD = 0.1
+TINY_VERSION = 2  # bump when the recipe changes
 
 
 def smollm2_dir() -> Path:
@@ -43,6 +46,7 @@ def tiny_llama_config(head_size: int) -> dict:
         "bos_token_id": 1,
         "eos_token_id": 2,
         "pad_token_id": 2,
+        "initializer_range": TINY_INIT_STD,
     }
 
 

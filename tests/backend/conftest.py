@@ -136,9 +136,11 @@ def logs_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("vllm-logs")
 
 
-def write_map(path: Path, pairs: list[tuple[int, int]], group_size: int = 64, model: str | None = None) -> Path:
-    data = {"format": "kvtuner-precision-map/v1", "num_layers": len(pairs), "group_size": group_size,
-            "layers": [{"key_bits": k, "value_bits": v} for k, v in pairs]}
+def write_map(path: Path, pairs: list[tuple[int, int]], group_size: int = 64, model: str | None = None,
+              **options) -> Path:
+    """A precision map file; `options` are the v2 fields (scheme, key_group_size, residual_length)."""
+    data = {"format": "kvtuner-precision-map/v2", "num_layers": len(pairs), "group_size": group_size,
+            "layers": [{"key_bits": k, "value_bits": v} for k, v in pairs], **options}
     if model:
         data["model"] = model
     path.write_text(json.dumps(data))
