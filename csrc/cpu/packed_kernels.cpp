@@ -389,7 +389,7 @@ int chunk_tokens(int head_size) { return std::max(16, 4096 / head_size); }
 constexpr int kMaxRowsPerItem = 32;  // query rows (tokens x heads of a GQA group) per work item
 constexpr int kMinPartitionTokens = 256;
 
-int query_tile_tokens(const AttentionProblem& p) {
+int query_tile_tokens(const AttentionParams& p) {
   return std::max(1, kMaxRowsPerItem / (p.num_q_heads / p.num_kv_heads));
 }
 
@@ -398,13 +398,14 @@ struct SeqGeometry {
   int64_t first_token;  // the sequence's first row in query/out
 };
 
-SeqGeometry seq_geometry(const AttentionProblem& p, int seq) {
-  return {p.query_start_loc[seq + 1] - p.query_start_loc[seq], p.seq_lens[seq], p.query_start_loc[seq]};
+SeqGeometry seq_geometry(const AttentionParams& p, int seq) {
+  return {p.seqs.query_start_loc[seq + 1] - p.seqs.query_start_loc[seq], p.seqs.seq_lens[seq], p.seqs.query_start_loc[seq]};
 }
 
 // Keys visible to the query at `position`: [begin, end).
-KVT_INLINE void visible_keys(const AttentionProblem& p, int position, int* begin, int* end) {
-  *begin = p.sliding_window > 0 ? std::max(0, position - p.sliding_window + 1) : 0;
+KVT_INLINE void visible_keys(const AttentionParams& p, int position, int* begin, int* end) {
+  (void)p;
+  *begin = 0;
   *end = position + 1;
 }
 
@@ -435,7 +436,7 @@ KVT_INLINE void accumulate_row(float* __restrict scores, int count, const float*
 // The key loop of a work item: dequantize each chunk of K and V once, then update every
 // query row that sees part of it.
 template <int kVecs>
-KVT_INLINE void attend_chunks(const AttentionProblem& p, const WorkItem& item, int rows, int chunk,
+KVT_INLINE void attend_chunks(const AttentionParams& p, const WorkItem& item, int rows, int chunk,
                               const PlaneSide& key_side, const PlaneSide& value_side, Scratch& s) {
   const int head_size = p.head_size;
   const int32_t* blocks = p.block_table + int64_t(item.seq) * p.block_table_stride;
@@ -444,8 +445,8 @@ KVT_INLINE void attend_chunks(const AttentionProblem& p, const WorkItem& item, i
     const int count = std::min({chunk, p.block_size - offset, item.key_end - first});
     const uint8_t* plane =
         p.cache + int64_t(blocks[first / p.block_size]) * p.cache_stride_block + item.kv_head * p.cache_stride_head;
-    dequantize_plane(plane, key_side, p.dtype, offset, count, head_size, p.group_size, s.keys.data());
-    dequantize_plane(plane, value_side, p.dtype, offset, count, head_size, p.group_size, s.values.data());
+    dequantize_plane(plane, key_side, p.dtype, offset, count, head_size, p.format.group_size, s.keys.data());
+    dequantize_plane(plane, value_side, p.dtype, offset, count, head_size, p.format.group_size, s.values.data());
     for (int r = 0; r < rows; ++r) {
       const int begin = std::max(first, s.row_begin[r]);
       const int end = std::min(first + count, s.row_end[r]);
@@ -468,9 +469,9 @@ KVT_INLINE void attend_chunks(const AttentionProblem& p, const WorkItem& item, i
 // Entry points
 // ---------------------------------------------------------------------------------------
 
-KVT_HOT void write_tokens(const CacheWriteProblem& p, int64_t begin, int64_t end) {
+KVT_HOT void write_tokens(const CacheWriteParams& p, int64_t begin, int64_t end) {
   const int elem = elem_size(p.dtype);
-  const PlaneLayout layout(p.key_bits, p.value_bits, p.head_size, p.group_size, elem, p.block_size);
+  const PlaneLayout layout(p.format, p.head_size, elem, p.block_size);
   const char* key = static_cast<const char*>(p.key);
   const char* value = static_cast<const char*>(p.value);
   for (int64_t t = begin; t < end; ++t) {
@@ -480,17 +481,17 @@ KVT_HOT void write_tokens(const CacheWriteProblem& p, int64_t begin, int64_t end
     const int64_t offset = slot % p.block_size;
     for (int h = 0; h < p.num_kv_heads; ++h) {
       uint8_t* plane = p.cache + block * p.cache_stride_block + h * p.cache_stride_head;
-      encode_head(key + (t * p.key_stride_token + h * p.key_stride_head) * elem, p.dtype, p.key_bits,
-                  p.head_size, p.group_size, plane + offset * layout.key_code_bytes,
+      encode_head(key + (t * p.key_stride_token + h * p.key_stride_head) * elem, p.dtype, p.format.key_bits,
+                  p.head_size, p.format.group_size, plane + offset * layout.key_code_bytes,
                   plane + layout.key_params_offset + offset * layout.key_param_bytes);
-      encode_head(value + (t * p.value_stride_token + h * p.value_stride_head) * elem, p.dtype, p.value_bits,
-                  p.head_size, p.group_size, plane + layout.value_codes_offset + offset * layout.value_code_bytes,
+      encode_head(value + (t * p.value_stride_token + h * p.value_stride_head) * elem, p.dtype, p.format.value_bits,
+                  p.head_size, p.format.group_size, plane + layout.value_codes_offset + offset * layout.value_code_bytes,
                   plane + layout.value_params_offset + offset * layout.value_param_bytes);
     }
   }
 }
 
-AttentionPlan plan_attention(const AttentionProblem& p, int num_threads) {
+AttentionPlan plan_attention(const AttentionParams& p, int num_threads) {
   const int heads_per_kv = p.num_q_heads / p.num_kv_heads;
   const int tile_tokens = query_tile_tokens(p);
   struct Tile {
@@ -499,7 +500,7 @@ AttentionPlan plan_attention(const AttentionProblem& p, int num_threads) {
   };
   std::vector<Tile> tiles;
   int64_t total_cost = 0;
-  for (int seq = 0; seq < p.num_seqs; ++seq) {
+  for (int seq = 0; seq < p.seqs.num_seqs; ++seq) {
     const SeqGeometry g = seq_geometry(p, seq);
     for (int q = 0; q < g.query_len; q += tile_tokens) {
       const int count = std::min(tile_tokens, g.query_len - q);
@@ -542,17 +543,17 @@ AttentionPlan plan_attention(const AttentionProblem& p, int num_threads) {
   return plan;
 }
 
-KVT_HOT void run_work_item(const AttentionProblem& p, const WorkItem& item, float* partial) {
+KVT_HOT void run_work_item(const AttentionParams& p, const WorkItem& item, float* partial) {
   const int head_size = p.head_size;
   const int heads_per_kv = p.num_q_heads / p.num_kv_heads;
   const int rows = item.query_count * heads_per_kv;
   const int chunk = chunk_tokens(head_size);
   const int elem = elem_size(p.dtype);
   const SeqGeometry geo = seq_geometry(p, item.seq);
-  const PlaneLayout layout(p.key_bits, p.value_bits, head_size, p.group_size, elem, p.block_size);
-  const PlaneSide key_side{0, layout.key_params_offset, layout.key_code_bytes, layout.key_param_bytes, p.key_bits};
+  const PlaneLayout layout(p.format, head_size, elem, p.block_size);
+  const PlaneSide key_side{0, layout.key_params_offset, layout.key_code_bytes, layout.key_param_bytes, p.format.key_bits};
   const PlaneSide value_side{layout.value_codes_offset, layout.value_params_offset, layout.value_code_bytes,
-                             layout.value_param_bytes, p.value_bits};
+                             layout.value_param_bytes, p.format.value_bits};
 
   thread_local Scratch s;
   s.reserve(rows, chunk, head_size);
@@ -566,7 +567,7 @@ KVT_HOT void run_work_item(const AttentionProblem& p, const WorkItem& item, floa
     load_row(query + ((geo.first_token + q) * p.query_stride_token + head * p.query_stride_head) * elem, p.dtype,
              head_size, s.channel_row.data());
     const float q_scale = p.softcap > 0.0f ? 1.0f : p.scale;  // without softcap, fold the scale into q once
-    for (int c = 0; c < head_size; ++c) row[tile_position(p.key_bits, head_size, c)] = s.channel_row[c] * q_scale;
+    for (int c = 0; c < head_size; ++c) row[tile_position(p.format.key_bits, head_size, c)] = s.channel_row[c] * q_scale;
     int begin, end;
     visible_keys(p, geo.seq_len - geo.query_len + q, &begin, &end);
     s.row_begin[r] = std::max(begin, item.key_begin);
@@ -589,7 +590,7 @@ KVT_HOT void run_work_item(const AttentionProblem& p, const WorkItem& item, floa
   for (int r = 0; r < rows; ++r) {
     const float* tile_acc = s.acc.data() + int64_t(r) * head_size;
     float* acc = s.channel_row.data();
-    for (int c = 0; c < head_size; ++c) acc[c] = tile_acc[tile_position(p.value_bits, head_size, c)];
+    for (int c = 0; c < head_size; ++c) acc[c] = tile_acc[tile_position(p.format.value_bits, head_size, c)];
     if (item.partial_offset >= 0) {
       float* slot = partial + (item.partial_offset + r) * int64_t(head_size + 2);
       slot[0] = s.max[r];
@@ -605,7 +606,7 @@ KVT_HOT void run_work_item(const AttentionProblem& p, const WorkItem& item, floa
   }
 }
 
-KVT_HOT void reduce_partitions(const AttentionProblem& p, const ReduceItem& item, const float* partial) {
+KVT_HOT void reduce_partitions(const AttentionParams& p, const ReduceItem& item, const float* partial) {
   const int head_size = p.head_size;
   const int heads_per_kv = p.num_q_heads / p.num_kv_heads;
   const int rows = item.query_count * heads_per_kv;
@@ -632,6 +633,30 @@ KVT_HOT void reduce_partitions(const AttentionProblem& p, const ReduceItem& item
     const int head = item.kv_head * heads_per_kv + r % heads_per_kv;
     store_row(merged, total > 0.0f ? 1.0f / total : 0.0f, p.dtype, head_size,
               out + ((geo.first_token + q) * p.out_stride_token + head * p.out_stride_head) * elem);
+  }
+}
+
+void write_window_sequence(const WindowWriteParams& p, int seq) {
+  const int elem = elem_size(p.dtype);
+  const int r = p.residual_length;
+  const int first_row = p.seqs.query_start_loc[seq];
+  const int rows = p.seqs.query_start_loc[seq + 1] - first_row;
+  const int first_position = p.seqs.seq_lens[seq] - rows;
+  const int kept = std::min(rows, r);
+  char* ring = static_cast<char*>(p.ring.ring) + int64_t(p.ring.block_ids[seq]) * p.ring.stride_block * elem;
+  const char* key = static_cast<const char*>(p.key);
+  const char* value = static_cast<const char*>(p.value);
+  const size_t row_bytes = size_t(p.head_size) * elem;
+  for (int h = 0; h < p.num_kv_heads; ++h) {
+    char* plane = ring + int64_t(h) * p.ring.stride_head * elem;
+    for (int i = rows - kept; i < rows; ++i) {
+      const int64_t ring_row = (first_position + i) % r;
+      const int64_t t = first_row + i;
+      std::memcpy(plane + ring_row * row_bytes, key + (t * p.key_stride_token + h * p.key_stride_head) * elem,
+                  row_bytes);
+      std::memcpy(plane + (r + ring_row) * row_bytes,
+                  value + (t * p.value_stride_token + h * p.value_stride_head) * elem, row_bytes);
+    }
   }
 }
 

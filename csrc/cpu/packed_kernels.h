@@ -6,12 +6,15 @@
 #include <cstring>
 #include <vector>
 
-#include "packed_format.h"
+#include "kernel_params.h"
 
 namespace kvtuner::cpu {
 
 // The model dtype: query, output, key/value inputs and the raw payload of 16-bit planes.
 using ::kvtuner::ElemType;
+using ::kvtuner::AttentionParams;
+using ::kvtuner::CacheWriteParams;
+using ::kvtuner::WindowWriteParams;
 
 inline int elem_size(ElemType type) { return type == ElemType::kFloat32 ? 4 : 2; }
 
@@ -79,42 +82,12 @@ inline uint16_t float_to_bf16(float value) {
 // quantize_and_cache
 // ---------------------------------------------------------------------------------------
 
-struct CacheWriteProblem {
-  const void* key;
-  const void* value;
-  int64_t key_stride_token, key_stride_head;  // in elements
-  int64_t value_stride_token, value_stride_head;
-  uint8_t* cache;
-  int64_t cache_stride_block, cache_stride_head;  // in bytes
-  const int64_t* slot_mapping;
-  int64_t num_tokens;
-  int num_kv_heads, head_size, block_size, group_size, key_bits, value_bits;
-  ElemType dtype;
-};
-
 // Quantizes and stores key and value of tokens [begin, end) (all heads); slot < 0 skipped.
-void write_tokens(const CacheWriteProblem& problem, int64_t begin, int64_t end);
+void write_tokens(const CacheWriteParams& problem, int64_t begin, int64_t end);
 
 // ---------------------------------------------------------------------------------------
 // paged_attention
 // ---------------------------------------------------------------------------------------
-
-struct AttentionProblem {
-  const void* query;
-  int64_t query_stride_token, query_stride_head;  // in elements
-  void* out;
-  int64_t out_stride_token, out_stride_head;
-  const uint8_t* cache;
-  int64_t cache_stride_block, cache_stride_head;  // in bytes
-  const int32_t* block_table;
-  int64_t block_table_stride;
-  const int32_t* seq_lens;
-  const int32_t* query_start_loc;
-  int num_seqs, num_q_heads, num_kv_heads, head_size, block_size, group_size, key_bits, value_bits;
-  int sliding_window;  // <= 0: none
-  float scale, softcap;  // softcap <= 0: none
-  ElemType dtype;
-};
 
 // One unit of parallel work: a tile of consecutive query tokens of one sequence, all the
 // query heads of one KV head, over keys [key_begin, key_end). An item whose key range is
@@ -139,11 +112,14 @@ struct AttentionPlan {
   int64_t partial_rows = 0;  // rows of (head_size + 2) floats the partial buffer needs
 };
 
-AttentionPlan plan_attention(const AttentionProblem& problem, int num_threads);
+AttentionPlan plan_attention(const AttentionParams& problem, int num_threads);
 
 // Runs one work item; `partial` is the partial buffer (may be null when no item needs it).
-void run_work_item(const AttentionProblem& problem, const WorkItem& item, float* partial);
+void run_work_item(const AttentionParams& problem, const WorkItem& item, float* partial);
 
-void reduce_partitions(const AttentionProblem& problem, const ReduceItem& item, const float* partial);
+void reduce_partitions(const AttentionParams& problem, const ReduceItem& item, const float* partial);
+
+// write_window for one sequence: its last min(R, rows) rows into its ring.
+void write_window_sequence(const WindowWriteParams& params, int seq);
 
 }  // namespace kvtuner::cpu
