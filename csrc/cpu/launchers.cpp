@@ -1,22 +1,96 @@
-// Torch-facing side of the CPU ops: argument checks, then the kernels of packed_kernels.h
-// in parallel. Work is handed out through an atomic counter (largest items first) because
+// Torch-facing side of the CPU ops: argument checks (launcher_args.h, then the value checks
+// below that read the index tensors), then the kernels of cache_write.h and attention.h in
+// parallel. Attention items are handed out through an atomic counter (largest first) because
 // ragged batches make a static split of the items across threads unbalanced.
 #include <ATen/Parallel.h>
 #include <torch/all.h>
 
 #include <atomic>
+#include <vector>
 
-#include "cpu/packed_kernels.h"
-#include "launcher_checks.h"
+#include "cpu/attention.h"
+#include "cpu/cache_write.h"
+#include "launcher_args.h"
 #include "ops.h"
 
+// The matrix-unit kernel for long query chunks, where it is built (see run_item).
+#if __has_include("cpu/prefill_attention.h")
+#include "cpu/prefill_attention.h"
+#define KVTUNER_CPU_PREFILL_ATTENTION 1
+#endif
+
 namespace {
+
+using kvtuner::AttentionParams;
+using kvtuner::RingArgs;
+using kvtuner::SequenceArgs;
 
 void check_cpu(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU, got ", t.device());
 }
 
-// Runs body(i) for i in [0, n) on all threads, largest-first order given by the caller.
+void check_cpu(const std::optional<torch::Tensor>& t, const char* name) {
+  if (t.has_value()) check_cpu(*t, name);
+}
+
+// ---------------------------------------------------------------------------------------
+// Value checks: cheap passes over the index tensors, so that a bad batch fails with a message
+// instead of reading or writing outside the caches.
+// ---------------------------------------------------------------------------------------
+
+// Sequence s owns rows [query_start_loc[s], query_start_loc[s + 1]) of `num_rows`, at most seq_lens[s].
+void check_sequences(const SequenceArgs& seqs, int64_t num_rows, const char* rows_name) {
+  TORCH_CHECK(seqs.num_seqs == 0 || seqs.query_start_loc[0] >= 0, "query_start_loc[0] must be >= 0, got ",
+              seqs.query_start_loc[0]);
+  for (int s = 0; s < seqs.num_seqs; ++s) {
+    const int rows = seqs.query_start_loc[s + 1] - seqs.query_start_loc[s];
+    TORCH_CHECK(rows >= 0, "query_start_loc must not decrease: sequence ", s, " has ", rows, " rows");
+    TORCH_CHECK(rows <= seqs.seq_lens[s], "sequence ", s, " has ", rows, " query rows but seq_len ", seqs.seq_lens[s],
+                " (query_len must be <= seq_len)");
+  }
+  TORCH_CHECK(seqs.query_start_loc[seqs.num_seqs] <= num_rows, "query_start_loc ends at ",
+              seqs.query_start_loc[seqs.num_seqs], " but ", rows_name, " has only ", num_rows, " rows");
+}
+
+void check_ring_ids(const RingArgs& ring, int num_seqs, int64_t num_ring_blocks) {
+  for (int s = 0; s < num_seqs; ++s) {
+    TORCH_CHECK(ring.block_ids[s] >= 0 && ring.block_ids[s] < num_ring_blocks, "ring_block_ids[", s, "] = ",
+                ring.block_ids[s], " lies outside the ring cache's ", num_ring_blocks, " blocks");
+  }
+}
+
+int64_t num_ring_blocks(const std::optional<torch::Tensor>& ring_cache) {
+  return ring_cache.has_value() ? ring_cache->size(0) : 0;
+}
+
+void check_slots(const int64_t* slots, int64_t num_slots, int64_t num_blocks, int64_t block_size) {
+  const int64_t capacity = num_blocks * block_size;
+  for (int64_t i = 0; i < num_slots; ++i) {
+    TORCH_CHECK(slots[i] < capacity, "slot_mapping[", i, "] = ", slots[i], " lies outside the cache's ", capacity,
+                " slots (", num_blocks, " blocks of ", block_size, ")");
+  }
+}
+
+// The block table entries each sequence reads: ceil(seq_len / block_size) of them, within the cache.
+void check_block_table(const AttentionParams& p, const torch::Tensor& block_table, int64_t num_blocks) {
+  const int64_t max_blocks = block_table.size(1);
+  for (int s = 0; s < p.seqs.num_seqs; ++s) {
+    const int64_t used = (int64_t(p.seqs.seq_lens[s]) + p.block_size - 1) / p.block_size;
+    TORCH_CHECK(used <= max_blocks, "sequence ", s, " of ", p.seqs.seq_lens[s], " tokens needs ", used,
+                " blocks, the block table has ", max_blocks, " per sequence");
+    const int32_t* row = p.block_table + s * p.block_table_stride;
+    for (int64_t b = 0; b < used; ++b) {
+      TORCH_CHECK(row[b] >= 0 && row[b] < num_blocks, "block_table[", s, ", ", b, "] = ", row[b],
+                  " lies outside the cache's ", num_blocks, " blocks");
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Running the kernels
+// ---------------------------------------------------------------------------------------
+
+// Runs body(i) for i in [0, n) on all threads, in the caller's order (largest first).
 template <typename Body>
 void parallel_dynamic(int64_t n, const Body& body) {
   if (n == 0) return;
@@ -27,91 +101,111 @@ void parallel_dynamic(int64_t n, const Body& body) {
   });
 }
 
+// The dispatch point of an attention item: a tile of a long query chunk goes to the matrix-unit
+// kernel (cpu/prefill_attention.h) where it is built and takes the item; everything else, and
+// what it declines (no AMX on this CPU, a dtype it lacks), runs on the vector kernel.
+void run_item(const AttentionParams& params, const kvtuner::cpu::WorkItem& item, float* partial) {
+#ifdef KVTUNER_CPU_PREFILL_ATTENTION
+  if (item.long_query && kvtuner::cpu::prefill_attention(params, item, partial)) return;
+#endif
+  kvtuner::cpu::run_work_item(params, item, partial);
+}
+
+// The split-key partial buffer: the caller's workspace when it is large enough, else our own.
+float* partial_buffer(const std::optional<torch::Tensor>& workspace, int64_t floats, std::vector<float>& own) {
+  if (floats == 0) return nullptr;
+  if (workspace.has_value() && workspace->is_contiguous() && workspace->nbytes() >= size_t(floats) * sizeof(float) &&
+      reinterpret_cast<uintptr_t>(workspace->data_ptr()) % alignof(float) == 0) {
+    return static_cast<float*>(workspace->data_ptr());
+  }
+  own.resize(size_t(floats));
+  return own.data();
+}
+
 }  // namespace
 
 void quantize_and_cache_cpu(const torch::Tensor& key, const torch::Tensor& value, torch::Tensor& kv_cache,
-                            const torch::Tensor& slot_mapping, int64_t key_bits, int64_t value_bits,
-                            int64_t group_size) {
+                            const torch::Tensor& slot_mapping, const std::optional<torch::Tensor>& ring_cache,
+                            const std::optional<torch::Tensor>& ring_block_ids,
+                            const std::optional<torch::Tensor>& query_start_loc,
+                            const std::optional<torch::Tensor>& seq_lens, int64_t key_bits, int64_t value_bits,
+                            int64_t group_size, int64_t key_group_size, int64_t residual_length) {
   check_cpu(key, "key");
   check_cpu(value, "value");
   check_cpu(kv_cache, "kv_cache");
   check_cpu(slot_mapping, "slot_mapping");
-  kvtuner::check_cache_write(key, value, kv_cache, slot_mapping, key_bits, value_bits, group_size);
-  const int64_t heads = key.size(1), head_size = key.size(2);
-
-  kvtuner::cpu::CacheWriteProblem problem{};
-  problem.key = key.data_ptr();
-  problem.value = value.data_ptr();
-  problem.key_stride_token = key.stride(0);
-  problem.key_stride_head = key.stride(1);
-  problem.value_stride_token = value.stride(0);
-  problem.value_stride_head = value.stride(1);
-  problem.cache = kv_cache.data_ptr<uint8_t>();
-  problem.cache_stride_block = kv_cache.stride(0);
-  problem.cache_stride_head = kv_cache.stride(1);
-  problem.slot_mapping = slot_mapping.data_ptr<int64_t>();
-  problem.num_tokens = slot_mapping.size(0);
-  problem.num_kv_heads = int(heads);
-  problem.head_size = int(head_size);
-  problem.block_size = int(kv_cache.size(2));
-  problem.group_size = int(group_size);
-  problem.key_bits = int(key_bits);
-  problem.value_bits = int(value_bits);
-  problem.dtype = kvtuner::elem_type(key, "key");
+  check_cpu(ring_cache, "ring_cache");
+  check_cpu(ring_block_ids, "ring_block_ids");
+  check_cpu(query_start_loc, "query_start_loc");
+  check_cpu(seq_lens, "seq_lens");
+  const kvtuner::CacheWriteParams params =
+      kvtuner::cache_write_params(key, value, kv_cache, slot_mapping, ring_cache, ring_block_ids, query_start_loc,
+                                  seq_lens, key_bits, value_bits, group_size, key_group_size, residual_length);
+  check_slots(params.slot_mapping, params.num_tokens, kv_cache.size(0), params.block_size);
+  const bool kivi_keys = params.seqs.seq_lens != nullptr;  // set by cache_write_params for kivi keys only
+  if (kivi_keys) {
+    check_sequences(params.seqs, params.num_tokens, "slot_mapping");
+    check_ring_ids(params.ring, params.seqs.num_seqs, num_ring_blocks(ring_cache));
+  }
   // A token is (H_kv x D) quantizations: small enough that a grain of 16 tokens is fair.
-  at::parallel_for(0, problem.num_tokens, 16,
-                   [&](int64_t begin, int64_t end) { kvtuner::cpu::write_tokens(problem, begin, end); });
+  at::parallel_for(0, params.num_tokens, 16,
+                   [&](int64_t begin, int64_t end) { kvtuner::cpu::write_tokens(params, begin, end); });
+  if (kivi_keys) {
+    const int64_t heads = params.num_kv_heads;
+    at::parallel_for(0, params.seqs.num_seqs * heads, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) kvtuner::cpu::write_kivi_groups(params, int(i / heads), int(i % heads));
+    });
+  }
 }
 
-void paged_attention_cpu(torch::Tensor& out, const torch::Tensor& query, const torch::Tensor& kv_cache,
-                         const torch::Tensor& block_table, const torch::Tensor& seq_lens,
-                         const torch::Tensor& query_start_loc, int64_t max_query_len, int64_t max_seq_len,
-                         double scale, int64_t key_bits, int64_t value_bits, int64_t group_size,
-                         int64_t sliding_window, double softcap) {
+void paged_attention_cpu(torch::Tensor& out, const torch::Tensor& query, const torch::Tensor& key,
+                         const torch::Tensor& value, const torch::Tensor& kv_cache,
+                         const std::optional<torch::Tensor>& ring_cache,
+                         const std::optional<torch::Tensor>& ring_block_ids, const torch::Tensor& block_table,
+                         const torch::Tensor& seq_lens, const torch::Tensor& query_start_loc, int64_t max_query_len,
+                         int64_t max_seq_len, double scale, int64_t key_bits, int64_t value_bits, int64_t group_size,
+                         int64_t key_group_size, int64_t residual_length, double softcap,
+                         const std::optional<torch::Tensor>& workspace) {
   check_cpu(out, "out");
   check_cpu(query, "query");
+  check_cpu(key, "key");
+  check_cpu(value, "value");
   check_cpu(kv_cache, "kv_cache");
+  check_cpu(ring_cache, "ring_cache");
+  check_cpu(ring_block_ids, "ring_block_ids");
   check_cpu(block_table, "block_table");
   check_cpu(seq_lens, "seq_lens");
   check_cpu(query_start_loc, "query_start_loc");
-  kvtuner::check_attention(out, query, kv_cache, block_table, seq_lens, query_start_loc, key_bits, value_bits,
-                           group_size);
-  const int64_t num_q_heads = query.size(1), head_size = query.size(2);
-  const int64_t num_kv_heads = kv_cache.size(1), num_seqs = seq_lens.size(0);
-  (void)max_query_len;  // the plan reads the exact lengths; the bounds serve the CUDA launcher
-  (void)max_seq_len;
+  check_cpu(workspace, "workspace");
+  const AttentionParams params = kvtuner::attention_params(
+      out, query, key, value, kv_cache, ring_cache, ring_block_ids, block_table, seq_lens, query_start_loc,
+      max_query_len, max_seq_len, scale, key_bits, value_bits, group_size, key_group_size, residual_length, softcap);
+  check_sequences(params.seqs, query.size(0), "query");
+  check_block_table(params, block_table, kv_cache.size(0));
+  if (params.format.residual_length > 0) check_ring_ids(params.ring, params.seqs.num_seqs, num_ring_blocks(ring_cache));
 
-  kvtuner::cpu::AttentionProblem problem{};
-  problem.query = query.data_ptr();
-  problem.query_stride_token = query.stride(0);
-  problem.query_stride_head = query.stride(1);
-  problem.out = out.data_ptr();
-  problem.out_stride_token = out.stride(0);
-  problem.out_stride_head = out.stride(1);
-  problem.cache = kv_cache.data_ptr<uint8_t>();
-  problem.cache_stride_block = kv_cache.stride(0);
-  problem.cache_stride_head = kv_cache.stride(1);
-  problem.block_table = block_table.data_ptr<int32_t>();
-  problem.block_table_stride = block_table.stride(0);
-  problem.seq_lens = seq_lens.data_ptr<int32_t>();
-  problem.query_start_loc = query_start_loc.data_ptr<int32_t>();
-  problem.num_seqs = int(num_seqs);
-  problem.num_q_heads = int(num_q_heads);
-  problem.num_kv_heads = int(num_kv_heads);
-  problem.head_size = int(head_size);
-  problem.block_size = int(kv_cache.size(2));
-  problem.group_size = int(group_size);
-  problem.key_bits = int(key_bits);
-  problem.value_bits = int(value_bits);
-  problem.sliding_window = int(sliding_window);
-  problem.scale = float(scale);
-  problem.softcap = float(softcap);
-  problem.dtype = kvtuner::elem_type(query, "query");
-
-  const kvtuner::cpu::AttentionPlan plan = kvtuner::cpu::plan_attention(problem, at::get_num_threads());
-  std::vector<float> partial(size_t(plan.partial_rows) * (head_size + 2));
-  parallel_dynamic(int64_t(plan.items.size()),
-                   [&](int64_t i) { kvtuner::cpu::run_work_item(problem, plan.items[i], partial.data()); });
+  const kvtuner::cpu::AttentionPlan plan = kvtuner::cpu::plan_attention(params, at::get_num_threads());
+  std::vector<float> own_partial;
+  float* partial = partial_buffer(workspace, plan.partial_rows * (params.head_size + 2), own_partial);
+  parallel_dynamic(int64_t(plan.items.size()), [&](int64_t i) { run_item(params, plan.items[i], partial); });
   parallel_dynamic(int64_t(plan.reductions.size()),
-                   [&](int64_t i) { kvtuner::cpu::reduce_partitions(problem, plan.reductions[i], partial.data()); });
+                   [&](int64_t i) { kvtuner::cpu::reduce_partitions(params, plan.reductions[i], partial); });
+}
+
+void write_window_cpu(const torch::Tensor& key, const torch::Tensor& value, torch::Tensor& ring_cache,
+                      const torch::Tensor& ring_block_ids, const torch::Tensor& query_start_loc,
+                      const torch::Tensor& seq_lens, int64_t residual_length) {
+  check_cpu(key, "key");
+  check_cpu(value, "value");
+  check_cpu(ring_cache, "ring_cache");
+  check_cpu(ring_block_ids, "ring_block_ids");
+  check_cpu(query_start_loc, "query_start_loc");
+  check_cpu(seq_lens, "seq_lens");
+  const kvtuner::WindowWriteParams params = kvtuner::window_write_params(
+      key, value, ring_cache, ring_block_ids, query_start_loc, seq_lens, residual_length);
+  check_sequences(params.seqs, key.size(0), "key");
+  check_ring_ids(params.ring, params.seqs.num_seqs, ring_cache.size(0));
+  at::parallel_for(0, params.seqs.num_seqs, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t seq = begin; seq < end; ++seq) kvtuner::cpu::write_window_sequence(params, int(seq));
+  });
 }
