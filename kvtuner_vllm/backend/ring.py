@@ -32,14 +32,19 @@ class RingMetadata(AttentionMetadata):
 
 
 class RingMetadataBuilder(AttentionMetadataBuilder[RingMetadata]):
-    """A ring group's block table has one column: the request's ring block."""
+    """A ring group's block table has one column: the request's ring block. The kernels take it as a
+    contiguous vector, copied into a buffer that lives as long as the builder (a stable address for
+    CUDA graphs)."""
 
-    def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:  # abstract in the base
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.block_ids = torch.zeros(vllm_config.scheduler_config.max_num_seqs, dtype=torch.int32, device=device)
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False) -> RingMetadata:
         cam = common_attn_metadata
-        return RingMetadata(block_ids=cam.block_table_tensor[: cam.num_reqs, 0])
+        block_ids = self.block_ids[: cam.num_reqs]
+        block_ids.copy_(cam.block_table_tensor[: cam.num_reqs, 0])
+        return RingMetadata(block_ids=block_ids)
 
 
 class RingBackend(AttentionBackend):
