@@ -32,11 +32,12 @@ MAPS = {
 }
 # (min mean greedy agreement over the first GREEDY_TOKENS tokens, max mean |delta logprob| over TEXT's
 # tokens, max perplexity ratio on TEXT), against auto. Why these numbers: the window keeps each
-# query's nearest positions exact, so the error left is that of older positions: at 8 bits it is
-# below bf16's own noise between two kernels (measured: agreement 1.00, 0.03 nats, ratio 1.002);
-# KV4 with KIVI keys measured 0.12 nats and a ratio of 1.01. The bounds leave room for bf16 noise
-# and fail any broken page, ring, scale or block mapping, which sends the ratio far above 2.
-THRESHOLDS = {"kv8": (0.9, 0.08, 1.02), "kivi-kv4": (0.5, 0.30, 1.08)}
+# query's nearest positions exact, so the error left is that of older positions. At 8 bits it is
+# below the bf16 noise between two correct kernels (measured: agreement 1.00, 0.042 nats, ratio
+# 0.997); KV4 with KIVI keys measured agreement 0.83, 0.079 nats, ratio 1.005. The bounds leave room
+# for bf16 noise on other CPUs and fail any broken page, ring, scale or block mapping, which sends
+# the ratio far above 2.
+THRESHOLDS = {"kv8": (0.9, 0.08, 1.02), "kivi-kv4": (0.6, 0.2, 1.05)}
 
 
 @pytest.fixture(scope="module", params=list(MAPS))
