@@ -48,15 +48,17 @@ def server_env(**overrides: str) -> dict[str, str]:
     return env
 
 
-def serve_command(model: Path, port: int, *args: str) -> list[str]:
-    return [str(VLLM), "serve", str(model), "--host", "127.0.0.1", "--port", str(port), "--enforce-eager",
-            "--served-model-name", "model", *args]
+def serve_command(model: Path, port: int, *args: str, eager: bool = True) -> list[str]:
+    """`vllm serve` on 127.0.0.1; eager (no torch.compile warm-up) unless asked otherwise."""
+    return [str(VLLM), "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
+            *(["--enforce-eager"] if eager else []), "--served-model-name", "model", *args]
 
 
 class Server:
     """One `vllm serve` process group, its log file, and small HTTP helpers."""
 
-    def __init__(self, model: Path, args: list[str], log: Path, env: dict[str, str] | None = None):
+    def __init__(self, model: Path, args: list[str], log: Path, env: dict[str, str] | None = None,
+                 eager: bool = True):
         if not VLLM.exists():
             pytest.fail(f"{VLLM} is missing: run `bash scripts/setup.sh`")
         if not _plugin_installed():
@@ -65,7 +67,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log
         self._log = open(log, "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(serve_command(model, self.port, *args), stdout=self._log,
+        self.proc = subprocess.Popen(serve_command(model, self.port, *args, eager=eager), stdout=self._log,
                                      stderr=subprocess.STDOUT, env=env or server_env(), start_new_session=True)
         self._wait_healthy()
 
