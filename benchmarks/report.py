@@ -89,34 +89,35 @@ def kernel_section(result: dict) -> list[str]:
 
 
 def serving_section(result: dict) -> list[str]:
-    w = result["workload"]
     lines = [
         "### Serving throughput (`vllm bench serve`)",
         "",
         f"`python -m benchmarks.serving.run{' --quick' if result.get('quick') else ''}`: {result['model']} on "
-        f"{result['device']}, random prompts {w['input_len']} in / {w['output_len']} out, {w['num_prompts']} "
-        f"requests at concurrency {w['concurrency']}, `--enforce-eager`, both cores.",
+        f"{result['device']}, `--enforce-eager`, both cores; one server at a time at equal KV memory.",
         "",
     ]
-    for setting, data in result["settings"].items():
-        runs = data["runs"]
-        base = runs["auto"]["output_throughput"]
-        rows = [
-            [
-                name, f"{r['output_throughput']:.1f}", f"{r['output_throughput'] / base:.2f}x",
-                f"{r['request_throughput']:.2f}", f"{r['p50_ttft_ms']:.0f} / {r['p99_ttft_ms']:.0f}",
-                f"{r['p50_tpot_ms']:.0f} / {r['p99_tpot_ms']:.0f}", f"{r['kv_capacity_tokens']:,}",
+    for workload in result["workloads"].values():
+        w = workload["workload"]
+        for setting, data in workload["settings"].items():
+            runs = data["runs"]
+            base = runs["auto"]["output_throughput"]
+            rows = [
+                [
+                    name, f"{r['output_throughput']:.1f}", f"{r['output_throughput'] / base:.2f}x",
+                    f"{r['request_throughput']:.2f}", f"{r['p50_ttft_ms']:.0f} / {r['p99_ttft_ms']:.0f}",
+                    f"{r['p50_tpot_ms']:.0f} / {r['p99_tpot_ms']:.0f}", f"{r['kv_capacity_tokens']:,}",
+                ]
+                for name, r in runs.items()
+                if "error" not in r
             ]
-            for name, r in runs.items()
-            if "error" not in r
-        ]
-        lines += [
-            f"{setting}, {data['kv_cache_bytes'] / 2**20:.0f} MiB of KV cache:",
-            "",
-            *_table(["KV cache", "out tok/s", "vs auto", "req/s", "TTFT p50/p99 ms", "TPOT p50/p99 ms",
-                     "KV tokens"], rows),
-            "",
-        ]
+            lines += [
+                f"{w['input_len']} in / {w['output_len']} out, {w['num_prompts']} requests at concurrency "
+                f"{w['concurrency']}; {setting}, {data['kv_cache_bytes'] / 2**20:.0f} MiB of KV cache:",
+                "",
+                *_table(["KV cache", "out tok/s", "vs auto", "req/s", "TTFT p50/p99 ms", "TPOT p50/p99 ms",
+                         "KV tokens"], rows),
+                "",
+            ]
     return lines
 
 

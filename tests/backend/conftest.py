@@ -11,21 +11,14 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import math
-import os
 import pydoc_data.topics
-import re
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-VLLM = Path(sys.executable).parent / "vllm"
+from benchmarks import server as served
+from benchmarks.server import VLLM, capacity_tokens, free_port, serve_command, server_env  # noqa: F401
+
 START_TIMEOUT_S = 420
 
 
@@ -33,29 +26,8 @@ def _plugin_installed() -> bool:
     return any(e.name == "kvtuner" for e in importlib.metadata.entry_points(group="vllm.general_plugins"))
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def server_env(**overrides: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1", VLLM_CPU_NUM_OF_RESERVED_CPU="0",
-               VLLM_CPU_KVCACHE_SPACE="1")
-    env.pop("KVTUNER_PRECISION_MAP", None)
-    env.update(overrides)
-    return env
-
-
-def serve_command(model: Path, port: int, *args: str, eager: bool = True) -> list[str]:
-    """`vllm serve` on 127.0.0.1; eager (no torch.compile warm-up) unless asked otherwise."""
-    return [str(VLLM), "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
-            *(["--enforce-eager"] if eager else []), "--served-model-name", "model", *args]
-
-
-class Server:
-    """One `vllm serve` process group, its log file, and small HTTP helpers."""
+class Server(served.Server):
+    """benchmarks.server.Server that fails the test, with the server's log tail, when it cannot start."""
 
     def __init__(self, model: Path, args: list[str], log: Path, env: dict[str, str] | None = None,
                  eager: bool = True):
@@ -63,74 +35,17 @@ class Server:
             pytest.fail(f"{VLLM} is missing: run `bash scripts/setup.sh`")
         if not _plugin_installed():
             pytest.fail("the kvtuner plugin is not installed (no vllm.general_plugins entry): run scripts/setup.sh")
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log
-        self._log = open(log, "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(serve_command(model, self.port, *args, eager=eager), stdout=self._log,
-                                     stderr=subprocess.STDOUT, env=env or server_env(), start_new_session=True)
-        self._wait_healthy()
-
-    def _wait_healthy(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                self.stop()
-                pytest.fail(f"vllm serve exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(1)
-        self.stop()
-        pytest.fail(f"vllm serve not healthy after {START_TIMEOUT_S} s:\n{self.log_tail()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log().splitlines()[-lines:])
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self._log.close()
-
-    def post(self, path: str, body: dict, timeout: float = 300) -> dict:
-        request = urllib.request.Request(f"{self.url}{path}", json.dumps(body).encode(),
-                                         {"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return json.load(response)
-
-    def complete(self, prompt: str, max_tokens: int = 16, **extra) -> dict:
-        """Greedy /v1/completions; returns the first choice."""
-        body = {"model": "model", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **extra}
-        return self.post("/v1/completions", body)["choices"][0]
-
-    def metrics(self) -> dict[str, float]:
-        """vLLM's Prometheus metrics, label-free sums: {name: value}."""
-        with urllib.request.urlopen(f"{self.url}/metrics", timeout=10) as response:
-            text = response.read().decode()
-        values: dict[str, float] = {}
-        for line in text.splitlines():
-            match = re.match(r"^([a-zA-Z_:]+)(?:\{[^}]*\})? ([-+0-9.eE]+|NaN)$", line)
-            if match:
-                values[match[1]] = values.get(match[1], 0.0) + float(match[2])
-        return values
+        try:
+            super().__init__(model, args, log, env, eager, START_TIMEOUT_S)
+        except served.ServerError as err:
+            pytest.fail(str(err))
 
 
 def logged_capacity_tokens(log: str) -> int:
     """vLLM's own 'CPU KV cache size: N tokens' line."""
-    match = re.search(r"KV cache size: ([0-9,]+) tokens", log)
-    assert match, "no 'KV cache size' line in the server log"
-    return int(match[1].replace(",", ""))
+    tokens = capacity_tokens(log)
+    assert tokens is not None, "no 'KV cache size' line in the server log"
+    return tokens
 
 
 @pytest.fixture(scope="session")
