@@ -121,12 +121,33 @@ def serving_section(result: dict) -> list[str]:
     return lines
 
 
+def soak_section(result: dict) -> list[str]:
+    s, r = result["settings"], result["requests"]
+    return [
+        "### Soak",
+        "",
+        f"`python -m benchmarks.soak --minutes {s['minutes']:g} --clients {s['clients']}` on "
+        f"{result['machine']['cpu']}: {result['model']} in fp32, 8-bit KIVI map with a 32-position window, "
+        f"{s['num_blocks']} blocks of {s['block_size']} tokens; greedy, sampled (n=2) and streamed completions of "
+        "random lengths, clients that hang up mid-stream, malformed requests.",
+        "",
+        *_table(["completed", "aborted", "malformed (refused 4xx)", "preempted", "errors", "crashes",
+                 "KV usage after", "re-run alone", "mismatches"],
+                [[str(r.get("completed", 0)), str(r.get("aborted", 0)), str(r.get("malformed_refused", 0)),
+                  f"{result['preempted']:.0f}", str(r.get("errors", 0)), str(result["crashes"]),
+                  f"{result['leaked_kv_usage']:.0%}", f"{result['verified_requests']} ({result['compared_tokens']} "
+                  "tokens)", str(result["mismatches"])]]),
+        "",
+    ]
+
+
 def render() -> str:
     sections = []
     for names, render_section in (
         (("quality",), quality_section),
         (("serving-cpu", "serving-cpu-quick"), serving_section),
         (("decode_attention", "decode_attention_quick"), kernel_section),
+        (("soak",), soak_section),
     ):
         result = _load(*names)
         if result is not None:
