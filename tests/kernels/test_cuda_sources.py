@@ -26,3 +26,11 @@ def test_only_the_launchers_include_torch():
 def test_no_cuda_context_header():
     pattern = re.compile(r"^\s*#\s*include\s*[<\"]ATen/cuda/CUDAContext\.h", re.MULTILINE)
     assert not [p.name for p in sources() if pattern.search(p.read_text())]
+
+
+def test_compile_script_builds_the_targets_of_setup():
+    """CI's compile check (scripts/compile_cuda.sh) and the real build (setup.py) target the same GPUs."""
+    repo = CUDA_DIR.parents[1]
+    setup_archs = re.search(r"CUDA_ARCHS = \(([^)]*)\)", (repo / "setup.py").read_text()).group(1)
+    script_archs = re.search(r"for arch in ([\d ]+); do", (repo / "scripts" / "compile_cuda.sh").read_text()).group(1)
+    assert re.findall(r"\d+", setup_archs) == script_archs.split()
