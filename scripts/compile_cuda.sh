@@ -32,9 +32,9 @@ mkdir -p "$build/include/c10/cuda/impl"
 printf '#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n' > "$build/include/c10/cuda/impl/cuda_cmake_macros.h"
 
 arch_flags=()
-for arch in 80 86 89 90; do arch_flags+=(-gencode=arch=compute_$arch,code=sm_$arch); done  # setup.py CUDA_ARCHS
-arch_flags+=(-gencode=arch=compute_90,code=compute_90)
-debug_flags=(-gencode=arch=compute_90,code=sm_90 -DKVTUNER_DEBUG_CHECKS=1)
+for arch in 80 86 89 90; do arch_flags+=("-gencode=arch=compute_$arch,code=sm_$arch"); done  # setup.py CUDA_ARCHS
+arch_flags+=("-gencode=arch=compute_90,code=compute_90")
+debug_flags=("-gencode=arch=compute_90,code=sm_90" -DKVTUNER_DEBUG_CHECKS=1)
 
 flags=(
   -c -O3 -std=c++17 --expt-relaxed-constexpr -lineinfo

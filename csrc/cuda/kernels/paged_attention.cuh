@@ -320,6 +320,7 @@ __device__ void softmax_chunk(AttentionShared<kHeadSize, kDecode>& sh) {
     sum += e;
   }
   sum = lanes_sum(sum, S::kRowLanes);
+  __syncwarp();  // every lane has read row_max before lane 0 of the row overwrites it
   if (sub == 0) {
     const float alpha = old_max == -INFINITY ? 0.0f : expf(old_max - new_max);
     sh.row_sum[r] = sh.row_sum[r] * alpha + sum;

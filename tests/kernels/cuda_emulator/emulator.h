@@ -141,6 +141,8 @@ inline void launch(dim3 grid, int threads, const std::function<void()>& kernel) 
 
 inline void __syncthreads() { emu::yield(emu::Wait::kBlock); }
 
+inline void __syncwarp(unsigned = 0xffffffffu) { emu::yield(emu::Wait::kWarp); }
+
 inline float __shfl_xor_sync(unsigned, float v, int offset) {
   const int tid = int(threadIdx.x);
   emu::state.exchange[tid] = v;
