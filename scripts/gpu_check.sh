@@ -161,7 +161,7 @@ PY
 
 export -f cuda_tests
 if ((build_ok == 0)); then
-  run_phase tests 80 "$out/tests.log" cuda_tests
+  run_phase tests 100 "$out/tests.log" cuda_tests
 else
   skip_phase tests "the build failed"
 fi
@@ -191,9 +191,9 @@ if ((build_ok != 0)); then
 elif [[ $dry_run != 1 ]] && ! command -v compute-sanitizer > /dev/null; then
   for tool in memcheck racecheck synccheck; do skip_phase $tool "compute-sanitizer not found"; done
 else
-  run_phase memcheck 60 "$out/sanitize.log" sanitize memcheck window-mixed,kivi,head80-fp16,spec-decode-gqa5
-  run_phase racecheck 50 "$out/sanitize.log" sanitize racecheck window-mixed,kivi
-  run_phase synccheck 35 "$out/sanitize.log" sanitize synccheck window-mixed,decode-split-v1
+  run_phase memcheck 50 "$out/sanitize.log" sanitize memcheck window-mixed,kivi,head80-fp16,spec-decode-gqa5
+  run_phase racecheck 45 "$out/sanitize.log" sanitize racecheck window-mixed,kivi
+  run_phase synccheck 30 "$out/sanitize.log" sanitize synccheck window-mixed,decode-split-v1
 fi
 
 # ------------------------------------------------------------------------------------------
@@ -202,7 +202,7 @@ fi
 if [[ $dry_run == 1 ]]; then
   run_phase bench 60 "$out/bench.log" "$PYTHON" -m benchmarks.kernels.cuda_decode --dry-run --out "$out" --budget-s 5
 elif ((build_ok == 0)); then
-  run_phase bench 75 "$out/bench.log" "$PYTHON" -m benchmarks.kernels.cuda_decode --out "$out" --budget-s 50
+  run_phase bench 60 "$out/bench.log" "$PYTHON" -m benchmarks.kernels.cuda_decode --out "$out" --budget-s 40
 else
   skip_phase bench "the build failed"
 fi

@@ -269,8 +269,11 @@ __device__ void score_chunk(AttentionShared<kHeadSize, kDecode>& sh, float softc
 #pragma unroll
     for (int j = 0; j < S::kScoreKeys; ++j) dot[i][j] = 0.0f;
   }
+  // Rows rt, rt + kRowThreads, ...: when the first is past the tile's rows, all are (decode
+  // tiles of a small GQA group), and the whole warp skips the dots.
+  const bool rows_used = sh.row_pos[rt] >= 0;
 #pragma unroll 4
-  for (int c = 0; c < kHeadSize; c += 4) {
+  for (int c = 0; c < kHeadSize && rows_used; c += 4) {
     float4 q[S::kScoreRows], k[S::kScoreKeys];
 #pragma unroll
     for (int i = 0; i < S::kScoreRows; ++i) q[i] = *reinterpret_cast<const float4*>(&sh.q[rt + i * S::kRowThreads][c]);
@@ -360,6 +363,7 @@ struct Accumulator {
     for (int m = 0; m < S::kOutItemsPerThread; ++m) {
       if (item(m) >= S::kOutItems) continue;
       const int row0 = first_row(m);
+      if (sh.row_pos[row0] < 0) continue;  // no row of this item in the tile
       const int c4 = (item(m) % S::kLanes) * 4;
       for (int k = 0; k < n; ++k) {
         const float4 lo = *reinterpret_cast<const float4*>(&sh.value[k][c4]);
