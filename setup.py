@@ -29,7 +29,7 @@ def build_cuda() -> bool:
 def cuda_arch_flags() -> list[str]:
     archs = os.environ.get("KVTUNER_CUDA_ARCHS", "").replace(";", " ").split() or list(CUDA_ARCHS)
     flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
-    newest = max(archs, key=int)
+    newest = max(archs, key=lambda arch: int(arch.rstrip("a")))  # "90a": sm_90 with its arch-specific features
     return flags + [f"-gencode=arch=compute_{newest},code=compute_{newest}"]
 
 
