@@ -1,11 +1,14 @@
-// Torch-facing side of the CUDA ops: the argument checks of launcher_checks.h (shared with the CPU),
-// plus what the CUDA kernels assume, then the torch-free launches of cuda/kernels/api.h.
+// Torch-facing side of the CUDA ops: the argument checks and parameter structs of
+// launcher_args.h (shared with the CPU), the CUDA-only checks (device, alignment, head size,
+// workspace), then the torch-free launches of cuda/kernels/api.h. Nothing here reads tensor
+// data on the host (no device sync): the index checks that need the data run on the device in
+// KVTUNER_DEBUG_CHECKS=1 builds.
 //
 // Headers are the narrow ATen/c10 ones on purpose: <torch/all.h> (and so ops.h) makes nvcc
-// parse the whole C++ frontend, measured at 328 s of CPU for this file against 31 s now.
-// The definitions below keep ops.h's signatures (torch_bindings.cpp registers them from
-// there). <ATen/cuda/CUDAContext.h> does not compile without cuBLAS and cuSPARSE headers
-// (see /work/shared/design/cuda-without-gpu.md); c10/cuda has what a launcher needs.
+// parse the whole C++ frontend, measured at 328 s of CPU for this file against 31 s. The
+// definitions below keep ops.h's signatures (torch_bindings.cpp registers them from there).
+// <ATen/cuda/CUDAContext.h> does not compile without cuBLAS and cuSPARSE headers (see
+// docs/cuda-without-gpu.md); c10/cuda has what a launcher needs.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -13,9 +16,10 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/Exception.h>
 
+#include <optional>
+
 #include "cuda/kernels/api.h"
-#include "launcher_checks.h"
-#include "packed_format.h"
+#include "launcher_args.h"
 
 namespace {
 
@@ -32,105 +36,110 @@ void check_device(const at::Tensor& t, const at::Tensor& ref, const char* name) 
   TORCH_CHECK(t.device() == ref.device(), name, " must be on ", ref.device(), ", got ", t.device());
 }
 
+void check_device(const std::optional<at::Tensor>& t, const at::Tensor& ref, const char* name) {
+  if (t.has_value()) check_device(*t, ref, name);
+}
+
+int64_t num_blocks(const std::optional<at::Tensor>& t) { return t.has_value() ? t->size(0) : 0; }
+
+// The split's partial results: the caller's workspace (vLLM's workspace manager, sized by
+// kvtuner_vllm.ops.attention_workspace_size) or, without one, a fresh allocation.
+float* attention_workspace(const std::optional<at::Tensor>& workspace, int64_t bytes, const at::Tensor& query,
+                           at::Tensor& allocated) {
+  if (bytes == 0) return nullptr;
+  if (!workspace.has_value()) {
+    allocated = at::empty({bytes}, query.options().dtype(at::kByte));
+    return static_cast<float*>(allocated.data_ptr());
+  }
+  const at::Tensor& w = *workspace;
+  check_device(w, query, "workspace");
+  TORCH_CHECK(w.is_contiguous() && w.nbytes() >= size_t(bytes), "workspace must be contiguous and hold at least ",
+              bytes, " bytes for this batch (kvtuner_vllm.ops.attention_workspace_size), got ", w.nbytes(), " bytes");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0, "workspace must be 16-byte aligned");
+  return static_cast<float*>(w.data_ptr());
+}
+
 }  // namespace
 
 void quantize_and_cache_cuda(const at::Tensor& key, const at::Tensor& value, at::Tensor& kv_cache,
-                             const at::Tensor& slot_mapping, int64_t key_bits, int64_t value_bits,
-                             int64_t group_size) {
+                             const at::Tensor& slot_mapping, const std::optional<at::Tensor>& ring_cache,
+                             const std::optional<at::Tensor>& ring_block_ids,
+                             const std::optional<at::Tensor>& query_start_loc,
+                             const std::optional<at::Tensor>& seq_lens, int64_t key_bits, int64_t value_bits,
+                             int64_t group_size, int64_t key_group_size, int64_t residual_length) {
   TORCH_CHECK(kv_cache.is_cuda(), "kv_cache must be on a CUDA device, got ", kv_cache.device());
   check_device(key, kv_cache, "key");
   check_device(value, kv_cache, "value");
   check_device(slot_mapping, kv_cache, "slot_mapping");
-  kvtuner::check_cache_write(key, value, kv_cache, slot_mapping, key_bits, value_bits, group_size);
+  check_device(ring_cache, kv_cache, "ring_cache");
+  check_device(ring_block_ids, kv_cache, "ring_block_ids");
+  check_device(query_start_loc, kv_cache, "query_start_loc");
+  check_device(seq_lens, kv_cache, "seq_lens");
+  const kvtuner::cuda::CacheWriteLaunch launch{
+      kvtuner::cache_write_params(key, value, kv_cache, slot_mapping, ring_cache, ring_block_ids, query_start_loc,
+                                  seq_lens, key_bits, value_bits, group_size, key_group_size, residual_length),
+      kv_cache.size(0), num_blocks(ring_cache)};
   check_cache_aligned(kv_cache);
-  const kvtuner::ElemType dtype = kvtuner::elem_type(key, "key");
-  const int64_t heads = key.size(1), head_size = key.size(2);
-
-  kvtuner::cuda::QuantizeParams p{};
-  p.key = key.data_ptr();
-  p.value = value.data_ptr();
-  p.key_stride_token = key.stride(0);
-  p.key_stride_head = key.stride(1);
-  p.value_stride_token = value.stride(0);
-  p.value_stride_head = value.stride(1);
-  p.cache = kv_cache.data_ptr<uint8_t>();
-  p.cache_stride_block = kv_cache.stride(0);
-  p.cache_stride_head = kv_cache.stride(1);
-  p.slot_mapping = slot_mapping.data_ptr<int64_t>();
-  p.num_tokens = slot_mapping.size(0);
-  p.num_kv_heads = int(heads);
-  p.head_size = int(head_size);
-  p.block_size = int(kv_cache.size(2));
-  p.group_size = int(group_size);
-  p.key_bits = int(key_bits);
-  p.value_bits = int(value_bits);
 
   const c10::cuda::OptionalCUDAGuard guard(kv_cache.device());
-  kvtuner::cuda::launch_quantize_and_cache(p, dtype, c10::cuda::getCurrentCUDAStream());
+  kvtuner::cuda::launch_quantize_and_cache(launch, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void paged_attention_cuda(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
-                          const at::Tensor& block_table, const at::Tensor& seq_lens,
-                          const at::Tensor& query_start_loc, int64_t max_query_len, int64_t max_seq_len,
-                          double scale, int64_t key_bits, int64_t value_bits, int64_t group_size,
-                          int64_t sliding_window, double softcap) {
+void paged_attention_cuda(at::Tensor& out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                          const at::Tensor& kv_cache, const std::optional<at::Tensor>& ring_cache,
+                          const std::optional<at::Tensor>& ring_block_ids, const at::Tensor& block_table,
+                          const at::Tensor& seq_lens, const at::Tensor& query_start_loc, int64_t max_query_len,
+                          int64_t max_seq_len, double scale, int64_t key_bits, int64_t value_bits,
+                          int64_t group_size, int64_t key_group_size, int64_t residual_length, double softcap,
+                          const std::optional<at::Tensor>& workspace) {
   TORCH_CHECK(query.is_cuda(), "query must be on a CUDA device, got ", query.device());
   check_device(out, query, "out");
+  check_device(key, query, "key");
+  check_device(value, query, "value");
   check_device(kv_cache, query, "kv_cache");
+  check_device(ring_cache, query, "ring_cache");
+  check_device(ring_block_ids, query, "ring_block_ids");
   check_device(block_table, query, "block_table");
   check_device(seq_lens, query, "seq_lens");
   check_device(query_start_loc, query, "query_start_loc");
-  kvtuner::check_attention(out, query, kv_cache, block_table, seq_lens, query_start_loc, key_bits, value_bits,
-                           group_size);
+  kvtuner::cuda::AttentionLaunch launch{};
+  launch.p = kvtuner::attention_params(out, query, key, value, kv_cache, ring_cache, ring_block_ids, block_table,
+                                       seq_lens, query_start_loc, max_query_len, max_seq_len, scale, key_bits,
+                                       value_bits, group_size, key_group_size, residual_length, softcap);
   check_cache_aligned(kv_cache);
-  const kvtuner::ElemType dtype = kvtuner::elem_type(query, "query");
-  const int64_t num_q_heads = query.size(1), head_size = query.size(2);
-  const int64_t num_kv_heads = kv_cache.size(1), num_seqs = seq_lens.size(0);
-  TORCH_CHECK(kvtuner::cuda::attention_supported(int(head_size), dtype), "the CUDA paged attention is built for ",
-              "head sizes 64, 80, 96, 128 and 256, got ", head_size);
-  // Unlike the CPU plan, which reads the exact lengths, the CUDA split is planned on the host
-  // from these bounds without a device sync: max_seq_len must bound every seq_lens entry.
-  TORCH_CHECK(max_query_len >= 0 && max_seq_len >= 0 && max_seq_len < INT32_MAX,
-              "max_query_len and max_seq_len must be non-negative int32 bounds, got ", max_query_len, " and ",
-              max_seq_len);
-
-  kvtuner::cuda::AttentionParams p{};
-  p.out = out.data_ptr();
-  p.out_stride_token = out.stride(0);
-  p.out_stride_head = out.stride(1);
-  p.query = query.data_ptr();
-  p.query_stride_token = query.stride(0);
-  p.query_stride_head = query.stride(1);
-  p.cache = kv_cache.data_ptr<uint8_t>();
-  p.cache_stride_block = kv_cache.stride(0);
-  p.cache_stride_head = kv_cache.stride(1);
-  p.block_table = block_table.data_ptr<int32_t>();
-  p.block_table_stride = block_table.stride(0);
-  p.seq_lens = seq_lens.data_ptr<int32_t>();
-  p.query_start_loc = query_start_loc.data_ptr<int32_t>();
-  p.num_seqs = int(num_seqs);
-  p.num_q_heads = int(num_q_heads);
-  p.num_kv_heads = int(num_kv_heads);
-  p.head_size = int(head_size);
-  p.block_size = int(kv_cache.size(2));
-  p.group_size = int(group_size);
-  p.key_bits = int(key_bits);
-  p.value_bits = int(value_bits);
-  p.sliding_window = int(sliding_window);
-  p.scale = float(scale);
-  p.softcap = float(softcap);
-  if (num_seqs == 0 || query.size(0) == 0) return;
+  TORCH_CHECK(kvtuner::cuda::attention_supported(launch.p.head_size), "the CUDA paged attention is built for ",
+              "head sizes 64, 80, 96, 128 and 256, got ", launch.p.head_size);
+  // The grid comes from these host-side bounds only (no device sync): max_query_len must bound
+  // every query length of the batch (the kernels check it in debug builds).
+  launch.plan = kvtuner::cuda::plan_attention(query.size(0), launch.p.seqs.num_seqs, launch.p.num_q_heads,
+                                              launch.p.num_kv_heads, launch.p.head_size, launch.p.max_query_len);
+  launch.num_cache_blocks = kv_cache.size(0);
+  launch.num_ring_blocks = num_blocks(ring_cache);
+  if (launch.plan.decode_tiles_per_seq == 0 && launch.plan.prefill_tiles == 0) return;
 
   const c10::cuda::OptionalCUDAGuard guard(query.device());
-  const int64_t workspace_floats =
-      kvtuner::cuda::plan_attention(p, query.size(0), int(max_query_len), int(max_seq_len));
-  at::Tensor workspace;
-  if (workspace_floats > 0) {
-    workspace = at::empty({workspace_floats}, query.options().dtype(at::kFloat));
-    p.partial_out = workspace.data_ptr<float>();
-    p.partial_stats = p.partial_out + query.size(0) * num_q_heads * p.num_partitions * head_size;
-  }
-  kvtuner::cuda::launch_paged_attention(p, query.size(0), dtype, c10::cuda::getCurrentCUDAStream());
+  at::Tensor allocated;
+  launch.workspace = attention_workspace(workspace, launch.plan.workspace_bytes, query, allocated);
+  kvtuner::cuda::launch_paged_attention(launch, c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void write_window_cuda(const at::Tensor& key, const at::Tensor& value, at::Tensor& ring_cache,
+                       const at::Tensor& ring_block_ids, const at::Tensor& query_start_loc, const at::Tensor& seq_lens,
+                       int64_t residual_length) {
+  TORCH_CHECK(ring_cache.is_cuda(), "ring_cache must be on a CUDA device, got ", ring_cache.device());
+  check_device(key, ring_cache, "key");
+  check_device(value, ring_cache, "value");
+  check_device(ring_block_ids, ring_cache, "ring_block_ids");
+  check_device(query_start_loc, ring_cache, "query_start_loc");
+  check_device(seq_lens, ring_cache, "seq_lens");
+  const kvtuner::cuda::WindowWriteLaunch launch{
+      kvtuner::window_write_params(key, value, ring_cache, ring_block_ids, query_start_loc, seq_lens,
+                                   residual_length),
+      key.size(0), ring_cache.size(0)};
+
+  const c10::cuda::OptionalCUDAGuard guard(ring_cache.device());
+  kvtuner::cuda::launch_write_window(launch, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -2,5 +2,5 @@
 #include "cuda/kernels/paged_attention_launch.cuh"
 
 namespace kvtuner::cuda {
-template void launch_paged_attention_typed<float>(const AttentionParams&, int64_t, cudaStream_t);
+template void launch_paged_attention_typed<float>(const AttentionLaunch&, cudaStream_t);
 }  // namespace kvtuner::cuda

@@ -1,14 +1,17 @@
 // Device helpers shared by the CUDA kernels: model-dtype conversions, code unpacking,
-// team (sub-warp) reductions. Torch-free, so kernel files compile in about a second.
+// team (sub-warp) reductions, debug checks. Torch-free, so kernel files compile in seconds and
+// the host emulator (tests/kernels/cuda_emulator, which defines KVTUNER_EMULATOR) builds them
+// with g++ alone.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <cstdio>
 #include <type_traits>
 
-#include "packed_format.h"
+#include "kernel_params.h"
 
 namespace kvtuner::cuda {
 
@@ -17,6 +20,54 @@ constexpr int kWarpSize = 32;
 // Every head size and group size is a multiple of 8, so 8 channels per lane never straddle
 // a group, and a lane's codes are whole bytes for every bit width.
 constexpr int kChannelsPerLane = 8;
+
+// ------------------------------------------------------------------------------------------
+// Debug checks (KVTUNER_DEBUG_CHECKS=1 builds): the index checks the launchers cannot do
+// without reading device data (slot ids, block ids, sequence lengths). A failed check prints
+// what failed and traps, which fails the launch and every later CUDA call of the process.
+// ------------------------------------------------------------------------------------------
+
+#ifndef KVTUNER_DEBUG_CHECKS
+#define KVTUNER_DEBUG_CHECKS 0
+#endif
+
+#ifndef KVTUNER_EMULATOR
+static __device__ __noinline__ void device_check_failed(const char* what, long long value, const char* file,
+                                                        int line) {
+  printf("kvtuner debug check failed: %s (value %lld) at %s:%d\n", what, value, file, line);
+  __trap();
+}
+#endif
+
+#if KVTUNER_DEBUG_CHECKS
+#define KVT_DEVICE_CHECK(cond, what, value)                                                              \
+  do {                                                                                                   \
+    if (!(cond)) ::kvtuner::cuda::device_check_failed(what, (long long)(value), __FILE__, __LINE__);     \
+  } while (0)
+#else
+#define KVT_DEVICE_CHECK(cond, what, value) \
+  do {                                      \
+  } while (0)
+#endif
+
+// A kernel launch. The host emulator (tests/kernels/cuda_emulator) defines its own, so the
+// launch code it runs is this code. `kernel` must be a name (no template argument list).
+#ifndef KVT_LAUNCH
+#define KVT_LAUNCH(kernel, grid, threads, shared_bytes, stream, ...) \
+  kernel<<<grid, threads, shared_bytes, stream>>>(__VA_ARGS__)
+#endif
+
+// Shared memory of a block as one struct, sized at launch (dynamic: above the 48 KiB static limit).
+template <typename S>
+__device__ __forceinline__ S& dynamic_shared() {
+#ifdef KVTUNER_EMULATOR
+  static S storage;  // the emulator runs one block at a time
+  return storage;
+#else
+  extern __shared__ __align__(16) unsigned char storage[];
+  return *reinterpret_cast<S*>(storage);
+#endif
+}
 
 __host__ __device__ constexpr int next_pow2(int n) {
   int p = 1;
@@ -50,6 +101,13 @@ __device__ __forceinline__ __half from_float<__half>(float x) {
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);
+}
+
+// 8 consecutive model-dtype values as float (rows of key, value and ring: element alignment only).
+template <typename T>
+__device__ __forceinline__ void load_row8(const T* src, float (&x)[kChannelsPerLane]) {
+#pragma unroll
+  for (int c = 0; c < kChannelsPerLane; ++c) x[c] = to_float(src[c]);
 }
 
 // 32-bit words holding 8 channels of the model dtype (the payload of a 16-bit plane).
@@ -123,6 +181,40 @@ __device__ __forceinline__ void load_raw(const uint8_t* src, float (&x)[kChannel
 }
 
 // ------------------------------------------------------------------------------------------
+// Sequences of a varlen batch
+// ------------------------------------------------------------------------------------------
+
+// The sequence that owns row `row` (query_start_loc is non-decreasing); -1 for padding rows
+// past the last sequence.
+__device__ __forceinline__ int sequence_of_row(const SequenceArgs& seqs, int64_t row) {
+  if (seqs.num_seqs == 0 || row >= seqs.query_start_loc[seqs.num_seqs]) return -1;
+  int lo = 0, hi = seqs.num_seqs - 1;  // the last sequence starting at or before row
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (seqs.query_start_loc[mid] <= row) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return lo;
+}
+
+// One sequence of the step: its rows [start, start + rows) sit at positions first .. first + rows - 1.
+struct SequenceRows {
+  int start, rows, first;
+};
+
+__device__ __forceinline__ SequenceRows sequence_rows(const SequenceArgs& seqs, int seq) {
+  const int start = seqs.query_start_loc[seq];
+  const int rows = seqs.query_start_loc[seq + 1] - start;
+  const int seq_len = seqs.seq_lens[seq];
+  KVT_DEVICE_CHECK(rows >= 0, "query_start_loc must not decrease", rows);
+  KVT_DEVICE_CHECK(rows <= seq_len, "a sequence's query rows exceed its seq_len", seq_len);
+  return SequenceRows{start, rows, seq_len - rows};
+}
+
+// ------------------------------------------------------------------------------------------
 // Reductions over `width` aligned consecutive lanes (a power of two <= 32); every lane of
 // the warp must call them (full-mask shuffles).
 // ------------------------------------------------------------------------------------------
@@ -134,6 +226,11 @@ __device__ __forceinline__ float lanes_min(float v, int width) {
 
 __device__ __forceinline__ float lanes_max(float v, int width) {
   for (int offset = 1; offset < width; offset <<= 1) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, offset));
+  return v;
+}
+
+__device__ __forceinline__ float lanes_sum(float v, int width) {
+  for (int offset = 1; offset < width; offset <<= 1) v += __shfl_xor_sync(kFullMask, v, offset);
   return v;
 }
 

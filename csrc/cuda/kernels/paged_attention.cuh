@@ -1,24 +1,27 @@
-// paged_attention: varlen attention of query rows over the packed cache, dequantizing K and V
-// in registers (no dequantized copy is ever written). Semantics: kvtuner_vllm/format.py
-// `paged_attention_ref` (query i of a sequence sits at position seq_len - q_len + i; causal,
-// GQA, optional sliding window and softcap).
+// paged_attention: varlen causal attention of query rows over the packed pages, the
+// per-request rings and the step's own key/value rows (kvtuner_vllm/format.py
+// `paged_attention_ref`): the query at position p reads key j < w0(p) dequantized from the
+// packed pages and j >= w0(p) in the model dtype (the ring for positions of earlier steps, the
+// step's rows for its own); GQA; optional softcap.
 //
-// Work split (flash-decoding): a block of 128 threads owns one row tile (up to kRows query
-// rows = (query token, query head) pairs of one KV head; in decode, the GQA group), one KV
-// head and one partition of the keys. It walks its keys in chunks of kChunk with an online
-// softmax. With one partition it writes the output; otherwise it writes an unnormalized
-// partial (accumulator, running max, sum) and reduce_partitions_kernel merges them.
+// A block of 128 threads owns a tile of query rows ((query token, query head) pairs of one
+// sequence and one KV head, in position order), one KV head and one partition of the keys.
+// It walks its keys in chunks of kKeys: each chunk of K and V is dequantized ONCE into shared
+// memory (fp32) and used by every row of the tile, with an online softmax in between:
+//   stage K, V -> scores (rows x keys) -> softmax -> accumulate (rows x channels).
+// Decode tiles are kDecodeRows rows (a GQA group) and their context is split into partitions
+// that reduce_partitions_kernel merges; prefill tiles are 32-64 rows, so a long prompt
+// dequantizes each K/V chunk once per 64 rows, not once per 8.
 //
-// Thread mapping inside a block: teams of team_size(D) lanes, 8 channels per lane; team
-// `slot` takes keys slot, slot + kSlots, ... of a chunk, so a warp reads consecutive tokens'
-// codes contiguously. Scores: each lane dots its 8 channels with all rows, and a transposing
-// butterfly (team_reduce_rows) sums the rows across the team in kRows - 1 + log2(team / 8)
-// shuffles instead of kRows * log2(team). Values: each lane accumulates its 8 channels for
-// all rows; the slots' accumulators are summed through shared memory at the end.
-//
-// Bit widths are runtime values, dispatched once per chunk to loops specialized for them:
-// 4 score loops + 4 value loops per kernel instead of 16 kernels per (dtype, head size).
+// Window (R > 0): w0 is monotone in p, so for a tile with positions [p_first, p_last] a chunk
+// is read packed by every row (keys < w0(p_first)), in full precision by every row
+// (keys >= w0(p_last)) or, in between, "mixed": both sources are staged in turn and each
+// (row, key) pair takes the one its row reads. Keys that no row reads from a source are staged
+// as zeros, so data that is not there (incomplete kivi groups, stale ring rows) never meets a
+// multiply.
 #pragma once
+
+#include <climits>
 
 #include "cuda/kernels/api.h"
 #include "cuda/kernels/common.cuh"
@@ -26,42 +29,73 @@
 namespace kvtuner::cuda {
 
 constexpr int kAttnThreads = 128;
-constexpr int kAttnWarps = kAttnThreads / kWarpSize;
-constexpr int kRows = 8;     // query rows per block; team_reduce_rows assumes 8
-constexpr int kChunk = 256;  // keys per pass through shared memory
 constexpr int kReduceThreads = 128;
-constexpr int kMaxPartitions = 256;
 
-// One side (K or V) of a (block, head) plane.
-struct PlaneSide {
-  int64_t codes_offset, params_offset;  // bytes from the plane start
-  int64_t code_bytes, param_bytes;      // per token
+// Tile shapes and the thread mapping of each phase, per head size and kernel.
+template <int kHeadSize, bool kDecode>
+struct Tile {
+  static constexpr int kRows = kDecode ? kDecodeRows : prefill_tile_rows(kHeadSize);
+  static constexpr int kKeys = kHeadSize > 128 ? 16 : 32;  // keys per chunk
+  // Floats per staged row: 16-byte aligned, and consecutive keys start 4 banks apart, so a
+  // quarter warp reading float4s of 8 consecutive keys is conflict-free.
+  static constexpr int kStride = kHeadSize + 4;
+  static constexpr int kLanes = kHeadSize / kChannelsPerLane;  // 8-channel pieces of a row
+
+  // Scores: each thread a kScoreRows x kScoreKeys block; keys kt + i * kKeyThreads, rows
+  // rt + i * kRowThreads (thread = rt * kKeyThreads + kt).
+  static constexpr int kDots = kRows * kKeys / kAttnThreads;
+  static constexpr int kScoreRows = kDots >= 16 ? 4 : (kDots >= 4 ? 2 : 1);
+  static constexpr int kScoreKeys = kDots / kScoreRows;
+  static constexpr int kKeyThreads = kKeys / kScoreKeys;
+  static constexpr int kRowThreads = kAttnThreads / kKeyThreads;
+
+  // Softmax: kRowLanes aligned lanes per row.
+  static constexpr int kRowLanes = kAttnThreads / kRows;
+
+  // Values: an item is kOutRows rows x 8 channels (channels 4c..4c+3 and D/2 + 4c..4c+3, so
+  // consecutive threads read consecutive float4s).
+  static constexpr int kOutRowsWanted = kRows * kHeadSize / 1024;
+  static constexpr int kOutRows = kOutRowsWanted >= 8 ? 8 : (kOutRowsWanted >= 4 ? 4 : (kOutRowsWanted >= 2 ? 2 : 1));
+  static constexpr int kOutItems = kRows / kOutRows * kLanes;
+  static constexpr int kOutItemsPerThread = (kOutItems + kAttnThreads - 1) / kAttnThreads;
+
+  static_assert(kRowThreads * kScoreRows == kRows && kKeyThreads * kScoreKeys == kKeys, "score mapping");
+  static_assert(kRowLanes >= 2 && kRowLanes <= kWarpSize, "softmax lanes per row");
+  static_assert(kRows % kOutRows == 0 && kHeadSize % 16 == 0, "value mapping");
 };
 
-template <int kHeadSize>
+template <int kHeadSize, bool kDecode>
 struct AttentionShared {
-  static constexpr int kSlots = kAttnThreads / team_size(kHeadSize);
-  union __align__(16) {
-    float logits[kChunk][kRows];            // scores, then softmax numerators, of one chunk
-    float acc[kSlots][kRows][kHeadSize];    // per-slot accumulators, summed after the last chunk
-  };
-  float red_max[kAttnWarps][kRows], red_sum[kAttnWarps][kRows];
-  float row_max[kRows], row_sum[kRows], row_alpha[kRows];
-  int row_pos[kRows];  // position of each row's query token; -1: no row (sees no key)
+  using S = Tile<kHeadSize, kDecode>;
+  alignas(16) float q[S::kRows][S::kStride];  // the tile's query rows, pre-scaled
+  alignas(16) float key[S::kKeys][S::kStride];
+  alignas(16) float value[S::kKeys][S::kStride];
+  float prob[S::kKeys][S::kRows];  // scores, then softmax numerators, of one chunk
+  float row_max[S::kRows], row_sum[S::kRows], row_alpha[S::kRows];
+  int row_pos[S::kRows];  // position of each row's query token; -1: no row (sees no key)
+  int row_w0[S::kRows];   // w0 of that position: keys from there on are read in full precision
 };
 
-// The row tiles of sequence s start at tile_begin(s) = floor(query_start_loc[s] * group / kRows)
-// + s: monotone, at least ceil(q_len * group / kRows) tiles per sequence, and computable
-// from query_start_loc alone (no prefix sum, no host sync). Some tiles stay empty.
-__device__ __forceinline__ int64_t tile_begin(const int32_t* query_start_loc, int seq, int group) {
-  return int64_t(query_start_loc[seq]) * group / kRows + seq;
+// Keys per partition of a sequence of seq_len keys split `parts` ways (a multiple of every
+// chunk size): computed on the device from each sequence's own length.
+__host__ __device__ __forceinline__ int partition_length(int seq_len, int parts) {
+  const int even = (seq_len + parts - 1) / parts;
+  const int len = (even + kPartitionGranule - 1) / kPartitionGranule * kPartitionGranule;
+  return len > kPartitionGranule ? len : kPartitionGranule;
 }
 
-__device__ __forceinline__ int find_seq(const int32_t* query_start_loc, int num_seqs, int group, int64_t tile) {
-  int lo = 0, hi = num_seqs - 1;  // the last sequence whose first tile is <= tile
+// The prefill tiles of sequence s start at floor(query_start_loc[s] * group / rows) + s:
+// monotone, at least ceil(q_len * group / rows) tiles per sequence, and computable from
+// query_start_loc alone (no prefix sum, no host sync). Some tiles stay empty.
+__device__ __forceinline__ int64_t prefill_tile_begin(const int32_t* query_start_loc, int seq, int group, int rows) {
+  return int64_t(query_start_loc[seq]) * group / rows + seq;
+}
+
+__device__ __forceinline__ int prefill_tile_sequence(const SequenceArgs& seqs, int group, int rows, int64_t tile) {
+  int lo = 0, hi = seqs.num_seqs - 1;  // the last sequence whose first tile is <= tile
   while (lo < hi) {
     const int mid = (lo + hi + 1) / 2;
-    if (tile_begin(query_start_loc, mid, group) <= tile) {
+    if (prefill_tile_begin(seqs.query_start_loc, mid, group, rows) <= tile) {
       lo = mid;
     } else {
       hi = mid - 1;
@@ -70,385 +104,502 @@ __device__ __forceinline__ int find_seq(const int32_t* query_start_loc, int num_
   return lo;
 }
 
-// Sums v[r] over the team for all 8 rows. Each xor step trades half of the remaining rows
-// with the partner lane, so after 3 steps lane l holds one row, row_of_lane(l), summed over
-// 8 lanes; the remaining steps are plain butterflies. Every lane of the warp must call it.
-template <int kTeam>
-__device__ __forceinline__ float team_reduce_rows(float (&v)[kRows], int lane) {
-  static_assert(kRows == 8 && kTeam >= 8, "the transposing butterfly takes 8 rows over >= 8 lanes");
-#pragma unroll
-  for (int half = kRows / 2, bit = 1; half >= 1; half /= 2, bit *= 2) {
-    const bool upper = lane & bit;
-#pragma unroll
-    for (int i = 0; i < half; ++i) {
-      const float keep = upper ? v[i + half] : v[i];
-      const float send = upper ? v[i] : v[i + half];
-      v[i] = keep + __shfl_xor_sync(kFullMask, send, bit);
-    }
-  }
-#pragma unroll
-  for (int offset = 8; offset < kTeam; offset *= 2) v[0] += __shfl_xor_sync(kFullMask, v[0], offset);
-  return v[0];
-}
-
-// The row team_reduce_rows leaves in `lane`: lane bits 0, 1, 2 select row halves 4, 2, 1.
-__device__ __forceinline__ int row_of_lane(int lane) { return (lane & 1) * 4 + (lane & 2) + ((lane >> 2) & 1); }
-
-// Everything the chunk loops need about the block's work.
-struct BlockWork {
-  const uint8_t* head_cache;  // cache of this KV head in block 0
-  const int32_t* blocks;      // this sequence's block table row
+// What one block works on.
+struct TileWork {
+  int seq, tile, kv_head, part;
+  SequenceRows s;
+  int64_t first_row;  // the tile's first row among the sequence's q_len * group rows
   int num_rows;
+  int first_pos, last_pos;  // positions of the first and last row's query token
+  int key_begin, key_end;   // keys of this block: a partition, cut to what the rows can see
+  const uint8_t* head_cache;  // cache of this KV head in block 0
+  const int32_t* blocks;      // the sequence's block table row
 };
 
-__device__ __forceinline__ const uint8_t* token_plane(const AttentionParams& p, const BlockWork& w, int token,
-                                                      int* offset) {
-  const int block = token / p.block_size;
-  *offset = token - block * p.block_size;
-  return w.head_cache + int64_t(w.blocks[block]) * p.cache_stride_block;
-}
-
-// Scores of keys [chunk, chunk + n) for all rows into sh.logits (masked: -inf).
-template <typename T, int kHeadSize, int kBits>
-__device__ void score_chunk(const AttentionParams& p, const BlockWork& w, const PlaneSide& side,
-                            AttentionShared<kHeadSize>& sh, int chunk, int n,
-                            const float (&q)[kRows][kChannelsPerLane], const float (&q_sum)[kRows]) {
-  constexpr int kTeam = team_size(kHeadSize);
-  constexpr int kSlots = kAttnThreads / kTeam;
-  const int lane = threadIdx.x % kTeam;
-  const int slot = threadIdx.x / kTeam;
-  const bool lane_used = lane < kHeadSize / kChannelsPerLane;
-  const int64_t param_offset = int64_t(lane * kChannelsPerLane / p.group_size) * kParamBytesPerGroup;
-  const int row = row_of_lane(lane);
-  const int pos = sh.row_pos[row];
-
-  // Same trip count for every team of a warp: team_reduce_rows shuffles across the warp.
-  for (int base = 0; base < n; base += kSlots) {
-    const int i = base + slot;
-    float dots[kRows];
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) dots[r] = 0.0f;
-    if (i < n && lane_used) {
-      int offset;
-      const uint8_t* plane = token_plane(p, w, chunk + i, &offset);
-      const uint8_t* codes = plane + side.codes_offset + offset * side.code_bytes;
-      float k[kChannelsPerLane];
-      if constexpr (kBits == kUnquantizedBits) {
-        load_raw<T>(codes + lane * kChannelsPerLane * sizeof(T), k);
-#pragma unroll
-        for (int r = 0; r < kRows; ++r) {
-          if (r < w.num_rows) {
-#pragma unroll
-            for (int c = 0; c < kChannelsPerLane; ++c) dots[r] = fmaf(q[r][c], k[c], dots[r]);
-          }
-        }
-      } else {
-        // q . (code * scale + zero) = scale * (q . code) + zero * sum(q)
-        load_codes<kBits>(codes + lane * kBits, k);
-        const float2 sz = load_scale_zero(plane + side.params_offset + offset * side.param_bytes + param_offset);
-#pragma unroll
-        for (int r = 0; r < kRows; ++r) {
-          if (r < w.num_rows) {
-            float d = 0.0f;
-#pragma unroll
-            for (int c = 0; c < kChannelsPerLane; ++c) d = fmaf(q[r][c], k[c], d);
-            dots[r] = fmaf(sz.x, d, sz.y * q_sum[r]);
-          }
-        }
-      }
-    }
-    const float dot = team_reduce_rows<kTeam>(dots, lane);
-    if (i < n && lane < kRows) {
-      const int key = chunk + i;
-      const bool visible = key <= pos && (p.sliding_window <= 0 || key > pos - p.sliding_window);
-      const float score = p.softcap > 0.0f ? tanhf(dot / p.softcap) * p.softcap : dot;
-      sh.logits[i][row] = visible ? score : -INFINITY;
-    }
-  }
-}
-
-// Online softmax over the chunk's logits: turns them into numerators exp(s - max) and
-// updates each row's running max and sum; row_alpha rescales the accumulators.
-template <int kHeadSize>
-__device__ void softmax_chunk(AttentionShared<kHeadSize>& sh, int n) {
-  constexpr int kStride = kAttnThreads / kRows;  // threads per row; tid % kRows is the row
-  const int tid = threadIdx.x;
-  const int r = tid % kRows;
-  const int warp = tid / kWarpSize;
-  const bool writer = tid % kWarpSize < kRows;
-
-  float m = -INFINITY;
-  for (int i = tid / kRows; i < n; i += kStride) m = fmaxf(m, sh.logits[i][r]);
-  for (int offset = kRows; offset < kWarpSize; offset *= 2) m = fmaxf(m, __shfl_xor_sync(kFullMask, m, offset));
-  if (writer) sh.red_max[warp][r] = m;
-  __syncthreads();
-
-  float chunk_max = -INFINITY;
-#pragma unroll
-  for (int w = 0; w < kAttnWarps; ++w) chunk_max = fmaxf(chunk_max, sh.red_max[w][r]);
-  const float old_max = sh.row_max[r];
-  const float new_max = fmaxf(old_max, chunk_max);
-  float s = 0.0f;
-  for (int i = tid / kRows; i < n; i += kStride) {
-    const float e = new_max == -INFINITY ? 0.0f : expf(sh.logits[i][r] - new_max);
-    sh.logits[i][r] = e;
-    s += e;
-  }
-  for (int offset = kRows; offset < kWarpSize; offset *= 2) s += __shfl_xor_sync(kFullMask, s, offset);
-  if (writer) sh.red_sum[warp][r] = s;
-  __syncthreads();
-
-  if (tid < kRows) {
-    float chunk_sum = 0.0f;
-#pragma unroll
-    for (int w = 0; w < kAttnWarps; ++w) chunk_sum += sh.red_sum[w][tid];
-    const float alpha = old_max == -INFINITY ? 0.0f : expf(old_max - new_max);
-    sh.row_sum[tid] = sh.row_sum[tid] * alpha + chunk_sum;
-    sh.row_max[tid] = new_max;
-    sh.row_alpha[tid] = alpha;
-  }
-  __syncthreads();
-}
-
-// acc[r] += sum over the chunk's keys of p[r][key] * v[key] for this lane's 8 channels.
-// Packed values: p * (code * scale + zero) = (p * scale) * code + p * zero, where the zero
-// term is the same for the lane's 8 channels and accumulates separately in acc_zero.
-template <typename T, int kHeadSize, int kBits>
-__device__ void accumulate_chunk(const AttentionParams& p, const BlockWork& w, const PlaneSide& side,
-                                 const AttentionShared<kHeadSize>& sh, int chunk, int n,
-                                 float (&acc)[kRows][kChannelsPerLane], float (&acc_zero)[kRows]) {
-  constexpr int kTeam = team_size(kHeadSize);
-  constexpr int kSlots = kAttnThreads / kTeam;
-  const int lane = threadIdx.x % kTeam;
-  if (lane >= kHeadSize / kChannelsPerLane) return;
-  const int64_t param_offset = int64_t(lane * kChannelsPerLane / p.group_size) * kParamBytesPerGroup;
-
-  for (int i = threadIdx.x / kTeam; i < n; i += kSlots) {
-    int offset;
-    const uint8_t* plane = token_plane(p, w, chunk + i, &offset);
-    const uint8_t* codes = plane + side.codes_offset + offset * side.code_bytes;
-    const float4 p_lo = *reinterpret_cast<const float4*>(&sh.logits[i][0]);
-    const float4 p_hi = *reinterpret_cast<const float4*>(&sh.logits[i][4]);
-    const float prob[kRows] = {p_lo.x, p_lo.y, p_lo.z, p_lo.w, p_hi.x, p_hi.y, p_hi.z, p_hi.w};
-    float v[kChannelsPerLane];
-    if constexpr (kBits == kUnquantizedBits) {
-      load_raw<T>(codes + lane * kChannelsPerLane * sizeof(T), v);
-#pragma unroll
-      for (int r = 0; r < kRows; ++r) {
-        if (r < w.num_rows) {
-#pragma unroll
-          for (int c = 0; c < kChannelsPerLane; ++c) acc[r][c] = fmaf(prob[r], v[c], acc[r][c]);
-        }
-      }
-    } else {
-      load_codes<kBits>(codes + lane * kBits, v);
-      const float2 sz = load_scale_zero(plane + side.params_offset + offset * side.param_bytes + param_offset);
-#pragma unroll
-      for (int r = 0; r < kRows; ++r) {
-        if (r < w.num_rows) {
-          const float weight = prob[r] * sz.x;
-          acc_zero[r] = fmaf(prob[r], sz.y, acc_zero[r]);
-#pragma unroll
-          for (int c = 0; c < kChannelsPerLane; ++c) acc[r][c] = fmaf(weight, v[c], acc[r][c]);
-        }
-      }
-    }
-  }
-}
-
-template <typename T, int kHeadSize>
-__device__ void score_chunk_dispatch(int bits, const AttentionParams& p, const BlockWork& w, const PlaneSide& side,
-                                     AttentionShared<kHeadSize>& sh, int chunk, int n,
-                                     const float (&q)[kRows][kChannelsPerLane], const float (&q_sum)[kRows]) {
-  switch (bits) {
-    case 2: return score_chunk<T, kHeadSize, 2>(p, w, side, sh, chunk, n, q, q_sum);
-    case 4: return score_chunk<T, kHeadSize, 4>(p, w, side, sh, chunk, n, q, q_sum);
-    case 8: return score_chunk<T, kHeadSize, 8>(p, w, side, sh, chunk, n, q, q_sum);
-    default: return score_chunk<T, kHeadSize, kUnquantizedBits>(p, w, side, sh, chunk, n, q, q_sum);
-  }
-}
-
-template <typename T, int kHeadSize>
-__device__ void accumulate_chunk_dispatch(int bits, const AttentionParams& p, const BlockWork& w,
-                                          const PlaneSide& side, const AttentionShared<kHeadSize>& sh, int chunk,
-                                          int n, float (&acc)[kRows][kChannelsPerLane], float (&acc_zero)[kRows]) {
-  switch (bits) {
-    case 2: return accumulate_chunk<T, kHeadSize, 2>(p, w, side, sh, chunk, n, acc, acc_zero);
-    case 4: return accumulate_chunk<T, kHeadSize, 4>(p, w, side, sh, chunk, n, acc, acc_zero);
-    case 8: return accumulate_chunk<T, kHeadSize, 8>(p, w, side, sh, chunk, n, acc, acc_zero);
-    default: return accumulate_chunk<T, kHeadSize, kUnquantizedBits>(p, w, side, sh, chunk, n, acc, acc_zero);
-  }
-}
-
-template <typename T, int kHeadSize>
-__global__ void __launch_bounds__(kAttnThreads) paged_attention_kernel(const AttentionParams p) {
-  constexpr int kTeam = team_size(kHeadSize);
-  __shared__ AttentionShared<kHeadSize> sh;
-  const int tid = threadIdx.x;
-  const int lane = tid % kTeam;
-  const int slot = tid / kTeam;
-  const bool lane_used = lane < kHeadSize / kChannelsPerLane;
-
-  // Which rows: blockIdx.x is a row tile of some sequence (see tile_begin).
+// Fills `w` for this block; false when the block has nothing to do (uniform: before any barrier).
+template <bool kDecode, int kRows>
+__device__ __forceinline__ bool locate_tile(const AttentionLaunch& launch, TileWork& w) {
+  const AttentionParams& p = launch.p;
   const int group = p.num_q_heads / p.num_kv_heads;
-  const int seq = find_seq(p.query_start_loc, p.num_seqs, group, blockIdx.x);
-  const int query_begin = p.query_start_loc[seq];
-  const int query_len = p.query_start_loc[seq + 1] - query_begin;
-  const int64_t tile = int64_t(blockIdx.x) - tile_begin(p.query_start_loc, seq, group);
-  const int64_t first_row = tile * kRows;
-  if (tile < 0 || first_row >= int64_t(query_len) * group) return;  // uniform: before any barrier
-  const int num_rows = int(min(int64_t(kRows), int64_t(query_len) * group - first_row));
-  const int kv_head = blockIdx.y;
-  const int part = blockIdx.z;
-  const int seq_len = p.seq_lens[seq];
-  const int first_pos = seq_len - query_len + int(first_row / group);  // rows are in position order
-  const int last_pos = seq_len - query_len + int((first_row + num_rows - 1) / group);
-
-  // Which keys: the partition, cut to what the rows can see.
-  int key_begin = part * p.partition_len;
-  int key_end = p.num_partitions == 1 ? last_pos + 1 : min(last_pos + 1, key_begin + p.partition_len);
-  if (p.sliding_window > 0) key_begin = max(key_begin, first_pos - p.sliding_window + 1);
-
-  if (tid < kRows) {
-    sh.row_pos[tid] = tid < num_rows ? seq_len - query_len + int((first_row + tid) / group) : -1;
-    sh.row_max[tid] = -INFINITY;
-    sh.row_sum[tid] = 0.0f;
+  if constexpr (kDecode) {
+    w.seq = int(blockIdx.x / launch.plan.decode_tiles_per_seq);
+    w.tile = int(blockIdx.x % launch.plan.decode_tiles_per_seq);
+  } else {
+    w.seq = prefill_tile_sequence(p.seqs, group, kRows, blockIdx.x);
+    w.tile = int(int64_t(blockIdx.x) - prefill_tile_begin(p.seqs.query_start_loc, w.seq, group, kRows));
   }
+  w.s = sequence_rows(p.seqs, w.seq);
+  KVT_DEVICE_CHECK(w.s.rows <= p.max_query_len, "a query is longer than max_query_len", w.s.rows);
+  const bool decode_sequence = w.s.rows <= kDecodeMaxQuery;
+  if (w.s.rows == 0 || decode_sequence != kDecode) return false;
+  w.first_row = int64_t(w.tile) * kRows;
+  const int64_t total_rows = int64_t(w.s.rows) * group;
+  if (w.first_row >= total_rows) return false;
+  w.num_rows = int(min(int64_t(kRows), total_rows - w.first_row));
+  w.first_pos = w.s.first + int(w.first_row / group);
+  w.last_pos = w.s.first + int((w.first_row + w.num_rows - 1) / group);
 
-  // This lane's 8 channels of every row's query, pre-scaled, and their sums.
-  float q[kRows][kChannelsPerLane], q_sum[kRows];
-#pragma unroll
-  for (int r = 0; r < kRows; ++r) {
-    q_sum[r] = 0.0f;
-    const int64_t row = first_row + r;
-    const T* src = static_cast<const T*>(p.query) + (query_begin + row / group) * p.query_stride_token +
-                   (kv_head * group + row % group) * p.query_stride_head + lane * kChannelsPerLane;
+  const int seq_len = w.s.first + w.s.rows;
+  const int parts = kDecode ? launch.plan.num_partitions : 1;
+  w.part = blockIdx.z;
+  w.key_begin = 0;
+  w.key_end = w.last_pos + 1;
+  if (parts > 1) {
+    const int len = partition_length(seq_len, parts);
+    w.key_begin = w.part * len;
+    if (w.key_begin >= seq_len) return false;  // past the sequence: the reduce never reads it
+    w.key_end = min(w.key_end, w.key_begin + len);
+  }
+  w.kv_head = blockIdx.y;
+  w.head_cache = p.cache + int64_t(w.kv_head) * p.cache_stride_head;
+  w.blocks = p.block_table + int64_t(w.seq) * p.block_table_stride;
+  const int window = p.format.residual_length;
+  if (window > 0 && window_start(w.first_pos, p.block_size, window) < w.s.first) {
+    KVT_DEVICE_CHECK(p.ring.block_ids[w.seq] >= 0 && p.ring.block_ids[w.seq] < launch.num_ring_blocks,
+                     "ring block id out of range", p.ring.block_ids[w.seq]);
+  }
+  return true;
+}
+
+// One side (K or V) of the packed pages.
+struct PackedSide {
+  int64_t codes_offset, params_offset;  // bytes from the plane start
+  int64_t code_bytes, param_bytes;      // per token
+  int bits, group_size;
+  int key_group_size;  // kivi keys: (scale, zero) per channel per token group; 0: per-token groups
+};
+
+__device__ __forceinline__ PackedSide packed_side(const AttentionParams& p, int elem_size, bool value_side) {
+  const PlaneLayout layout(p.format, p.head_size, elem_size, p.block_size);
+  if (value_side) {
+    return PackedSide{layout.value_codes_offset, layout.value_params_offset, layout.value_code_bytes,
+                      layout.value_param_bytes, p.format.value_bits, p.format.group_size, 0};
+  }
+  const bool kivi = p.format.key_group_size > 0 && p.format.key_bits != kUnquantizedBits;
+  return PackedSide{0, layout.key_params_offset, layout.key_code_bytes, layout.key_param_bytes, p.format.key_bits,
+                    p.format.group_size, kivi ? p.format.key_group_size : 0};
+}
+
+// Channels lane*8 .. lane*8+7 of the token at `offset` of a plane, dequantized (format.py `decode`).
+template <typename T, int kHeadSize>
+__device__ __forceinline__ void dequantize_lane(const PackedSide& side, const uint8_t* plane, int offset, int lane,
+                                                float (&x)[kChannelsPerLane]) {
+  const uint8_t* codes = plane + side.codes_offset + int64_t(offset) * side.code_bytes;
+  switch (side.bits) {
+    case kUnquantizedBits: return load_raw<T>(codes + lane * kChannelsPerLane * sizeof(T), x);
+    case 2: load_codes<2>(codes + lane * 2, x); break;
+    case 4: load_codes<4>(codes + lane * 4, x); break;
+    default: load_codes<8>(codes + lane * 8, x); break;
+  }
+  if (side.key_group_size > 0) {  // kivi keys: the token group's pair of each channel
+    const uint8_t* params = plane + side.params_offset +
+                            int64_t(offset / side.key_group_size) * kParamBytesPerGroup * kHeadSize +
+                            lane * kChannelsPerLane * kParamBytesPerGroup;
 #pragma unroll
     for (int c = 0; c < kChannelsPerLane; ++c) {
-      q[r][c] = r < num_rows && lane_used ? to_float(src[c]) * p.scale : 0.0f;
-      q_sum[r] += q[r][c];
+      const float2 sz = load_scale_zero(params + c * kParamBytesPerGroup);
+      x[c] = fmaf(x[c], sz.x, sz.y);
     }
-  }
-
-  const PlaneLayout layout(p.key_bits, p.value_bits, kHeadSize, p.group_size, int(sizeof(T)), p.block_size);
-  const PlaneSide key_side{0, layout.key_params_offset, layout.key_code_bytes, layout.key_param_bytes};
-  const PlaneSide value_side{layout.value_codes_offset, layout.value_params_offset, layout.value_code_bytes,
-                             layout.value_param_bytes};
-  const BlockWork work{p.cache + kv_head * p.cache_stride_head, p.block_table + seq * p.block_table_stride,
-                       num_rows};
-
-  float acc[kRows][kChannelsPerLane], acc_zero[kRows];
+  } else {
+    const float2 sz = load_scale_zero(plane + side.params_offset + int64_t(offset) * side.param_bytes +
+                                      (lane * kChannelsPerLane / side.group_size) * kParamBytesPerGroup);
 #pragma unroll
-  for (int r = 0; r < kRows; ++r) {
-    acc_zero[r] = 0.0f;
-#pragma unroll
-    for (int c = 0; c < kChannelsPerLane; ++c) acc[r][c] = 0.0f;
-  }
-  __syncthreads();  // row_pos, row_max, row_sum
-
-  for (int chunk = key_begin; chunk < key_end; chunk += kChunk) {
-    const int n = min(kChunk, key_end - chunk);
-    score_chunk_dispatch<T, kHeadSize>(p.key_bits, p, work, key_side, sh, chunk, n, q, q_sum);
-    __syncthreads();
-    softmax_chunk<kHeadSize>(sh, n);
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      const float alpha = sh.row_alpha[r];
-      acc_zero[r] *= alpha;
-#pragma unroll
-      for (int c = 0; c < kChannelsPerLane; ++c) acc[r][c] *= alpha;
-    }
-    accumulate_chunk_dispatch<T, kHeadSize>(p.value_bits, p, work, value_side, sh, chunk, n, acc, acc_zero);
-    __syncthreads();  // logits are overwritten next
-  }
-
-  // Sum the slots' accumulators (sh.acc reuses the logits' memory: the loop ended on a barrier).
-  if (lane_used) {
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      if (r < num_rows) {
-        float4* dst = reinterpret_cast<float4*>(&sh.acc[slot][r][lane * kChannelsPerLane]);
-        dst[0] = make_float4(acc[r][0] + acc_zero[r], acc[r][1] + acc_zero[r], acc[r][2] + acc_zero[r],
-                             acc[r][3] + acc_zero[r]);
-        dst[1] = make_float4(acc[r][4] + acc_zero[r], acc[r][5] + acc_zero[r], acc[r][6] + acc_zero[r],
-                             acc[r][7] + acc_zero[r]);
-      }
-    }
-  }
-  __syncthreads();
-
-  constexpr int kSlots = AttentionShared<kHeadSize>::kSlots;
-  for (int idx = tid; idx < num_rows * kHeadSize; idx += kAttnThreads) {
-    const int r = idx / kHeadSize;
-    const int d = idx % kHeadSize;
-    float sum = 0.0f;
-#pragma unroll
-    for (int s = 0; s < kSlots; ++s) sum += sh.acc[s][r][d];
-    const int64_t row = first_row + r;
-    const int64_t token = query_begin + row / group;
-    const int64_t head = kv_head * group + row % group;
-    if (p.num_partitions == 1) {
-      const float row_sum = sh.row_sum[r];
-      T* out = static_cast<T*>(p.out) + token * p.out_stride_token + head * p.out_stride_head;
-      out[d] = from_float<T>(row_sum > 0.0f ? sum / row_sum : 0.0f);
-    } else {
-      p.partial_out[((token * p.num_q_heads + head) * p.num_partitions + part) * kHeadSize + d] = sum;
-    }
-  }
-  if (p.num_partitions > 1 && tid < num_rows) {
-    const int64_t row = first_row + tid;
-    const int64_t token = query_begin + row / group;
-    const int64_t head = kv_head * group + row % group;
-    float* stats = p.partial_stats + ((token * p.num_q_heads + head) * p.num_partitions + part) * 2;
-    stats[0] = sh.row_max[tid];
-    stats[1] = sh.row_sum[tid];
+    for (int c = 0; c < kChannelsPerLane; ++c) x[c] = fmaf(x[c], sz.x, sz.y);
   }
 }
 
-// Merges the partitions of one (query token, query head): out = sum_p w_p acc_p / sum_p w_p l_p
-// with w_p = exp(max_p - max). Empty partitions (max -inf) weigh nothing.
+// Full-precision K or V of position j (8 channels from lane * 8): the step's row when
+// j >= first, else the sequence's ring row j mod R.
 template <typename T>
-__global__ void __launch_bounds__(kReduceThreads) reduce_partitions_kernel(const AttentionParams p) {
-  const int64_t token = blockIdx.x;
-  const int head = blockIdx.y;
-  if (token >= p.query_start_loc[p.num_seqs]) return;  // padding token: no partials
-  const int parts = p.num_partitions;
-  const int64_t first = (token * p.num_q_heads + head) * parts;
-  const float* stats = p.partial_stats + first * 2;
-  __shared__ float weight[kMaxPartitions];
-  __shared__ float inv_denominator;
+__device__ __forceinline__ const T* full_precision_row(const AttentionParams& p, const TileWork& w, bool value_side,
+                                                       int j, int lane) {
+  const int channel = lane * kChannelsPerLane;
+  if (j >= w.s.first) {
+    const int64_t row = w.s.start + (j - w.s.first);
+    return value_side
+               ? static_cast<const T*>(p.value) + row * p.value_stride_token + w.kv_head * p.value_stride_head + channel
+               : static_cast<const T*>(p.key) + row * p.key_stride_token + w.kv_head * p.key_stride_head + channel;
+  }
+  const int window = p.format.residual_length;
+  const T* plane = static_cast<const T*>(p.ring.ring) + int64_t(p.ring.block_ids[w.seq]) * p.ring.stride_block +
+                   w.kv_head * p.ring.stride_head;
+  return plane + (value_side ? int64_t(window) * p.head_size : 0) + int64_t(j % window) * p.head_size + channel;
+}
 
-  if (threadIdx.x < kWarpSize) {
+// Stages K or V of keys [chunk, chunk + n) from one source into `buf` (fp32); keys outside
+// [lo, hi) (read from this source by no row) and past n become zeros.
+template <typename T, int kHeadSize, bool kDecode>
+__device__ void stage_chunk(const AttentionLaunch& launch, const TileWork& w, bool value_side, bool full, int chunk,
+                            int n, int lo, int hi, float (*buf)[Tile<kHeadSize, kDecode>::kStride]) {
+  using S = Tile<kHeadSize, kDecode>;
+  const AttentionParams& p = launch.p;
+  const PackedSide side = packed_side(p, int(sizeof(T)), value_side);
+  for (int item = threadIdx.x; item < S::kKeys * S::kLanes; item += kAttnThreads) {
+    const int k = item / S::kLanes;
+    const int lane = item % S::kLanes;
+    const int j = chunk + k;
+    float x[kChannelsPerLane] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    if (k < n && j >= lo && j < hi) {
+      if (full) {
+        load_row8(full_precision_row<T>(p, w, value_side, j, lane), x);
+      } else {
+        const int block = w.blocks[j / p.block_size];
+        KVT_DEVICE_CHECK(block >= 0 && block < launch.num_cache_blocks, "block id out of range", block);
+        dequantize_lane<T, kHeadSize>(side, w.head_cache + int64_t(block) * p.cache_stride_block,
+                                      j % p.block_size, lane, x);
+      }
+    }
+    float4* dst = reinterpret_cast<float4*>(&buf[k][lane * kChannelsPerLane]);
+    dst[0] = make_float4(x[0], x[1], x[2], x[3]);
+    dst[1] = make_float4(x[4], x[5], x[6], x[7]);
+  }
+}
+
+// Scores of the staged keys for every row into sh.prob (invisible: -inf). In a mixed chunk
+// only the (row, key) pairs that read this source are written.
+template <int kHeadSize, bool kDecode>
+__device__ void score_chunk(AttentionShared<kHeadSize, kDecode>& sh, float softcap, int chunk, int n, bool mixed,
+                            bool full) {
+  using S = Tile<kHeadSize, kDecode>;
+  const int kt = threadIdx.x % S::kKeyThreads;
+  const int rt = threadIdx.x / S::kKeyThreads;
+  float dot[S::kScoreRows][S::kScoreKeys];
+#pragma unroll
+  for (int i = 0; i < S::kScoreRows; ++i) {
+#pragma unroll
+    for (int j = 0; j < S::kScoreKeys; ++j) dot[i][j] = 0.0f;
+  }
+  // Rows rt, rt + kRowThreads, ...: when the first is past the tile's rows, all are (decode
+  // tiles of a small GQA group), and the whole warp skips the dots.
+  const bool rows_used = sh.row_pos[rt] >= 0;
+#pragma unroll 4
+  for (int c = 0; c < kHeadSize && rows_used; c += 4) {
+    float4 q[S::kScoreRows], k[S::kScoreKeys];
+#pragma unroll
+    for (int i = 0; i < S::kScoreRows; ++i) q[i] = *reinterpret_cast<const float4*>(&sh.q[rt + i * S::kRowThreads][c]);
+#pragma unroll
+    for (int j = 0; j < S::kScoreKeys; ++j) k[j] = *reinterpret_cast<const float4*>(&sh.key[kt + j * S::kKeyThreads][c]);
+#pragma unroll
+    for (int i = 0; i < S::kScoreRows; ++i) {
+#pragma unroll
+      for (int j = 0; j < S::kScoreKeys; ++j) {
+        dot[i][j] = fmaf(q[i].x, k[j].x, dot[i][j]);
+        dot[i][j] = fmaf(q[i].y, k[j].y, dot[i][j]);
+        dot[i][j] = fmaf(q[i].z, k[j].z, dot[i][j]);
+        dot[i][j] = fmaf(q[i].w, k[j].w, dot[i][j]);
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < S::kScoreRows; ++i) {
+    const int r = rt + i * S::kRowThreads;
+#pragma unroll
+    for (int j = 0; j < S::kScoreKeys; ++j) {
+      const int k = kt + j * S::kKeyThreads;
+      const int key = chunk + k;
+      if (mixed && (key >= sh.row_w0[r]) != full) continue;
+      const float score = softcap > 0.0f ? tanhf(dot[i][j] / softcap) * softcap : dot[i][j];
+      sh.prob[k][r] = k < n && key <= sh.row_pos[r] ? score : -INFINITY;
+    }
+  }
+}
+
+// Online softmax over the chunk's scores: turns them into numerators exp(s - max) and updates
+// each row's running max and sum; row_alpha rescales the accumulators.
+template <int kHeadSize, bool kDecode>
+__device__ void softmax_chunk(AttentionShared<kHeadSize, kDecode>& sh) {
+  using S = Tile<kHeadSize, kDecode>;
+  const int r = threadIdx.x / S::kRowLanes;
+  const int sub = threadIdx.x % S::kRowLanes;
+  float m = -INFINITY;
+  for (int k = sub; k < S::kKeys; k += S::kRowLanes) m = fmaxf(m, sh.prob[k][r]);
+  m = lanes_max(m, S::kRowLanes);
+  const float old_max = sh.row_max[r];
+  const float new_max = fmaxf(old_max, m);
+  float sum = 0.0f;
+  for (int k = sub; k < S::kKeys; k += S::kRowLanes) {
+    const float e = new_max == -INFINITY ? 0.0f : expf(sh.prob[k][r] - new_max);
+    sh.prob[k][r] = e;
+    sum += e;
+  }
+  sum = lanes_sum(sum, S::kRowLanes);
+  __syncwarp();  // every lane has read row_max before lane 0 of the row overwrites it
+  if (sub == 0) {
+    const float alpha = old_max == -INFINITY ? 0.0f : expf(old_max - new_max);
+    sh.row_sum[r] = sh.row_sum[r] * alpha + sum;
+    sh.row_max[r] = new_max;
+    sh.row_alpha[r] = alpha;
+  }
+}
+
+// This thread's output items: acc[item][row][channel], channels 4c..4c+3 then D/2 + 4c..4c+3.
+template <int kHeadSize, bool kDecode>
+struct Accumulator {
+  using S = Tile<kHeadSize, kDecode>;
+  float acc[S::kOutItemsPerThread][S::kOutRows][kChannelsPerLane];
+
+  __device__ __forceinline__ static int item(int m) { return threadIdx.x + m * kAttnThreads; }
+  __device__ __forceinline__ static int first_row(int m) { return item(m) / S::kLanes * S::kOutRows; }
+  __device__ __forceinline__ static int channel(int m, int c) {
+    return (item(m) % S::kLanes) * 4 + (c < 4 ? c : kHeadSize / 2 + c - 4);
+  }
+
+  __device__ __forceinline__ void scale_rows(const float* alpha) {
+#pragma unroll
+    for (int m = 0; m < S::kOutItemsPerThread; ++m) {
+#pragma unroll
+      for (int i = 0; i < S::kOutRows; ++i) {
+        const float a = item(m) < S::kOutItems ? alpha[first_row(m) + i] : 0.0f;
+#pragma unroll
+        for (int c = 0; c < kChannelsPerLane; ++c) acc[m][i][c] *= a;
+      }
+    }
+  }
+
+  // acc += prob x staged values over the chunk's n keys (mixed: only the pairs reading this source).
+  __device__ __forceinline__ void add_chunk(const AttentionShared<kHeadSize, kDecode>& sh, int chunk, int n,
+                                            bool mixed, bool full) {
+#pragma unroll
+    for (int m = 0; m < S::kOutItemsPerThread; ++m) {
+      if (item(m) >= S::kOutItems) continue;
+      const int row0 = first_row(m);
+      if (sh.row_pos[row0] < 0) continue;  // no row of this item in the tile
+      const int c4 = (item(m) % S::kLanes) * 4;
+      for (int k = 0; k < n; ++k) {
+        const float4 lo = *reinterpret_cast<const float4*>(&sh.value[k][c4]);
+        const float4 hi = *reinterpret_cast<const float4*>(&sh.value[k][kHeadSize / 2 + c4]);
+#pragma unroll
+        for (int i = 0; i < S::kOutRows; ++i) {
+          float weight = sh.prob[k][row0 + i];
+          if (mixed && (chunk + k >= sh.row_w0[row0 + i]) != full) weight = 0.0f;
+          acc[m][i][0] = fmaf(weight, lo.x, acc[m][i][0]);
+          acc[m][i][1] = fmaf(weight, lo.y, acc[m][i][1]);
+          acc[m][i][2] = fmaf(weight, lo.z, acc[m][i][2]);
+          acc[m][i][3] = fmaf(weight, lo.w, acc[m][i][3]);
+          acc[m][i][4] = fmaf(weight, hi.x, acc[m][i][4]);
+          acc[m][i][5] = fmaf(weight, hi.y, acc[m][i][5]);
+          acc[m][i][6] = fmaf(weight, hi.z, acc[m][i][6]);
+          acc[m][i][7] = fmaf(weight, hi.w, acc[m][i][7]);
+        }
+      }
+    }
+  }
+};
+
+// Loads the tile's query rows (pre-scaled) and the per-row positions; zeros for missing rows.
+template <typename T, int kHeadSize, bool kDecode>
+__device__ void load_tile_rows(const AttentionParams& p, const TileWork& w, AttentionShared<kHeadSize, kDecode>& sh) {
+  using S = Tile<kHeadSize, kDecode>;
+  const int group = p.num_q_heads / p.num_kv_heads;
+  for (int item = threadIdx.x; item < S::kRows * S::kLanes; item += kAttnThreads) {
+    const int r = item / S::kLanes;
+    const int lane = item % S::kLanes;
+    float x[kChannelsPerLane] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    if (r < w.num_rows) {
+      const int64_t row = w.first_row + r;
+      const T* src = static_cast<const T*>(p.query) + (w.s.start + row / group) * p.query_stride_token +
+                     (w.kv_head * group + row % group) * p.query_stride_head + lane * kChannelsPerLane;
+      load_row8(src, x);
+#pragma unroll
+      for (int c = 0; c < kChannelsPerLane; ++c) x[c] *= p.scale;
+    }
+    float4* dst = reinterpret_cast<float4*>(&sh.q[r][lane * kChannelsPerLane]);
+    dst[0] = make_float4(x[0], x[1], x[2], x[3]);
+    dst[1] = make_float4(x[4], x[5], x[6], x[7]);
+  }
+  if (threadIdx.x < S::kRows) {
+    const int r = threadIdx.x;
+    const int pos = r < w.num_rows ? w.s.first + int((w.first_row + r) / group) : -1;
+    sh.row_pos[r] = pos;
+    sh.row_w0[r] = pos >= 0 ? window_start(pos, p.block_size, p.format.residual_length) : INT_MAX;
+    sh.row_max[r] = -INFINITY;
+    sh.row_sum[r] = 0.0f;
+  }
+}
+
+// Where the partial results of a split decode tile go: [slot][partition][D] accumulators, then
+// [slot][partition][2] (running max, sum), slot = ((seq * tiles + tile) * H_kv + kv_head) * rows + row.
+struct PartialLayout {
+  float* out;
+  float* stats;
+  int parts;
+
+  __device__ __forceinline__ PartialLayout(const AttentionLaunch& launch, int head_size) {
+    const int64_t slots = int64_t(launch.p.seqs.num_seqs) * launch.plan.decode_tiles_per_seq *
+                          launch.p.num_kv_heads * kDecodeRows;
+    parts = launch.plan.num_partitions;
+    out = launch.workspace;
+    stats = launch.workspace + slots * parts * head_size;
+  }
+
+  __device__ __forceinline__ static int64_t slot(const AttentionLaunch& launch, int seq, int tile, int kv_head,
+                                                 int row) {
+    return ((int64_t(seq) * launch.plan.decode_tiles_per_seq + tile) * launch.p.num_kv_heads + kv_head) *
+               kDecodeRows + row;
+  }
+};
+
+// Writes the tile's rows: the normalized output, or (split) the partial accumulators and stats.
+template <typename T, int kHeadSize, bool kDecode>
+__device__ void write_tile(const AttentionLaunch& launch, const TileWork& w,
+                           const AttentionShared<kHeadSize, kDecode>& sh, const Accumulator<kHeadSize, kDecode>& a) {
+  using S = Tile<kHeadSize, kDecode>;
+  using A = Accumulator<kHeadSize, kDecode>;
+  const AttentionParams& p = launch.p;
+  const int group = p.num_q_heads / p.num_kv_heads;
+  const bool split = kDecode && launch.plan.num_partitions > 1;
+  const PartialLayout partial(launch, kHeadSize);
+#pragma unroll
+  for (int m = 0; m < S::kOutItemsPerThread; ++m) {
+    if (A::item(m) >= S::kOutItems) continue;
+#pragma unroll
+    for (int i = 0; i < S::kOutRows; ++i) {
+      const int r = A::first_row(m) + i;
+      if (r >= w.num_rows) continue;
+      if (split) {
+        float* dst = partial.out +
+                     (PartialLayout::slot(launch, w.seq, w.tile, w.kv_head, r) * partial.parts + w.part) * kHeadSize;
+#pragma unroll
+        for (int c = 0; c < kChannelsPerLane; ++c) dst[A::channel(m, c)] = a.acc[m][i][c];
+      } else {
+        const int64_t row = w.first_row + r;
+        T* dst = static_cast<T*>(p.out) + (w.s.start + row / group) * p.out_stride_token +
+                 (w.kv_head * group + row % group) * p.out_stride_head;
+        const float inv = sh.row_sum[r] > 0.0f ? 1.0f / sh.row_sum[r] : 0.0f;
+#pragma unroll
+        for (int c = 0; c < kChannelsPerLane; ++c) dst[A::channel(m, c)] = from_float<T>(a.acc[m][i][c] * inv);
+      }
+    }
+  }
+  if (split && threadIdx.x < w.num_rows) {
+    float* stats =
+        partial.stats +
+        (PartialLayout::slot(launch, w.seq, w.tile, w.kv_head, threadIdx.x) * partial.parts + w.part) * 2;
+    stats[0] = sh.row_max[threadIdx.x];
+    stats[1] = sh.row_sum[threadIdx.x];
+  }
+}
+
+template <typename T, int kHeadSize, bool kDecode>
+__global__ void __launch_bounds__(kAttnThreads) paged_attention_kernel(const AttentionLaunch launch) {
+  using S = Tile<kHeadSize, kDecode>;
+  const AttentionParams& p = launch.p;
+  TileWork w;
+  if (!locate_tile<kDecode, S::kRows>(launch, w)) return;
+  auto& sh = dynamic_shared<AttentionShared<kHeadSize, kDecode>>();
+  load_tile_rows<T, kHeadSize, kDecode>(p, w, sh);
+
+  Accumulator<kHeadSize, kDecode> a;
+#pragma unroll
+  for (int m = 0; m < S::kOutItemsPerThread; ++m) {
+#pragma unroll
+    for (int i = 0; i < S::kOutRows; ++i) {
+#pragma unroll
+      for (int c = 0; c < kChannelsPerLane; ++c) a.acc[m][i][c] = 0.0f;
+    }
+  }
+  const int window = p.format.residual_length;
+  const int w0_first = window_start(w.first_pos, p.block_size, window);  // every row reads keys below packed
+  const int w0_last = window_start(w.last_pos, p.block_size, window);    // every row reads keys from here full
+  __syncthreads();  // query rows, row state
+
+  for (int chunk = w.key_begin; chunk < w.key_end; chunk += S::kKeys) {
+    const int n = min(S::kKeys, w.key_end - chunk);
+    const bool packed = chunk < w0_last;
+    const bool full = window > 0 && chunk + n > w0_first;
+    const bool mixed = packed && full;
+    if (mixed) {  // scores from each source in turn
+      stage_chunk<T, kHeadSize, kDecode>(launch, w, false, false, chunk, n, INT_MIN, w0_last, sh.key);
+      __syncthreads();
+      score_chunk<kHeadSize, kDecode>(sh, p.softcap, chunk, n, true, false);
+      __syncthreads();
+      stage_chunk<T, kHeadSize, kDecode>(launch, w, false, true, chunk, n, w0_first, INT_MAX, sh.key);
+      __syncthreads();
+      score_chunk<kHeadSize, kDecode>(sh, p.softcap, chunk, n, true, true);
+    } else {
+      stage_chunk<T, kHeadSize, kDecode>(launch, w, false, full, chunk, n, INT_MIN, INT_MAX, sh.key);
+      stage_chunk<T, kHeadSize, kDecode>(launch, w, true, full, chunk, n, INT_MIN, INT_MAX, sh.value);
+      __syncthreads();
+      score_chunk<kHeadSize, kDecode>(sh, p.softcap, chunk, n, false, full);
+    }
+    __syncthreads();
+    softmax_chunk<kHeadSize, kDecode>(sh);
+    __syncthreads();
+    a.scale_rows(sh.row_alpha);
+    if (mixed) {
+      stage_chunk<T, kHeadSize, kDecode>(launch, w, true, false, chunk, n, INT_MIN, w0_last, sh.value);
+      __syncthreads();
+      a.add_chunk(sh, chunk, n, true, false);
+      __syncthreads();
+      stage_chunk<T, kHeadSize, kDecode>(launch, w, true, true, chunk, n, w0_first, INT_MAX, sh.value);
+      __syncthreads();
+      a.add_chunk(sh, chunk, n, true, true);
+    } else {
+      a.add_chunk(sh, chunk, n, false, full);
+    }
+    __syncthreads();  // staged rows and probabilities are overwritten next
+  }
+  write_tile<T, kHeadSize, kDecode>(launch, w, sh, a);
+}
+
+// Merges the partitions of one decode tile: out = sum_p w_p acc_p / sum_p w_p l_p with
+// w_p = exp(max_p - max); partitions whose keys a row does not see (max -inf) weigh nothing.
+template <typename T, int kHeadSize>
+__global__ void __launch_bounds__(kReduceThreads) reduce_partitions_kernel(const AttentionLaunch launch) {
+  const AttentionParams& p = launch.p;
+  const int group = p.num_q_heads / p.num_kv_heads;
+  const int seq = int(blockIdx.x / launch.plan.decode_tiles_per_seq);
+  const int tile = int(blockIdx.x % launch.plan.decode_tiles_per_seq);
+  const int kv_head = blockIdx.y;
+  const SequenceRows s = sequence_rows(p.seqs, seq);
+  if (s.rows == 0 || s.rows > kDecodeMaxQuery) return;
+  const int64_t first_row = int64_t(tile) * kDecodeRows;
+  const int64_t total_rows = int64_t(s.rows) * group;
+  if (first_row >= total_rows) return;
+  const int num_rows = int(min(int64_t(kDecodeRows), total_rows - first_row));
+  const int seq_len = s.first + s.rows;
+  const PartialLayout partial(launch, kHeadSize);
+  const int length = partition_length(seq_len, partial.parts);
+  const int used = (seq_len + length - 1) / length;  // partitions that hold keys of this sequence
+
+  __shared__ float weight[kDecodeRows][kMaxPartitions];
+  __shared__ float inv_denominator[kDecodeRows];
+  const int warp = threadIdx.x / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  for (int r = warp; r < num_rows; r += kReduceThreads / kWarpSize) {  // warp-uniform
+    const float* stats = partial.stats + PartialLayout::slot(launch, seq, tile, kv_head, r) * partial.parts * 2;
     float m = -INFINITY;
-    for (int i = threadIdx.x; i < parts; i += kWarpSize) m = fmaxf(m, stats[2 * i]);
-    for (int offset = 1; offset < kWarpSize; offset *= 2) m = fmaxf(m, __shfl_xor_sync(kFullMask, m, offset));
+    for (int i = lane; i < used; i += kWarpSize) m = fmaxf(m, stats[2 * i]);
+    m = lanes_max(m, kWarpSize);
     float denominator = 0.0f;
-    for (int i = threadIdx.x; i < parts; i += kWarpSize) {
-      const float w = stats[2 * i] == -INFINITY ? 0.0f : expf(stats[2 * i] - m);
-      weight[i] = w;
-      denominator += w * stats[2 * i + 1];
+    for (int i = lane; i < used; i += kWarpSize) {
+      const float wgt = stats[2 * i] == -INFINITY ? 0.0f : expf(stats[2 * i] - m);
+      weight[r][i] = wgt;
+      denominator += wgt * stats[2 * i + 1];
     }
-    for (int offset = 1; offset < kWarpSize; offset *= 2) {
-      denominator += __shfl_xor_sync(kFullMask, denominator, offset);
-    }
-    if (threadIdx.x == 0) inv_denominator = denominator > 0.0f ? 1.0f / denominator : 0.0f;
+    denominator = lanes_sum(denominator, kWarpSize);
+    if (lane == 0) inv_denominator[r] = denominator > 0.0f ? 1.0f / denominator : 0.0f;
   }
   __syncthreads();
 
-  const float* partial = p.partial_out + first * p.head_size;
-  T* out = static_cast<T*>(p.out) + token * p.out_stride_token + head * p.out_stride_head;
-  for (int d = threadIdx.x; d < p.head_size; d += kReduceThreads) {
+  for (int idx = threadIdx.x; idx < num_rows * kHeadSize; idx += kReduceThreads) {
+    const int r = idx / kHeadSize;
+    const int d = idx % kHeadSize;
+    const float* acc = partial.out + PartialLayout::slot(launch, seq, tile, kv_head, r) * partial.parts * kHeadSize;
     float sum = 0.0f;
-    for (int i = 0; i < parts; ++i) {
-      if (weight[i] > 0.0f) sum += weight[i] * partial[int64_t(i) * p.head_size + d];
+    for (int i = 0; i < used; ++i) {
+      if (weight[r][i] > 0.0f) sum += weight[r][i] * acc[int64_t(i) * kHeadSize + d];
     }
-    out[d] = from_float<T>(sum * inv_denominator);
+    const int64_t row = first_row + r;
+    T* out = static_cast<T*>(p.out) + (s.start + row / group) * p.out_stride_token +
+             (kv_head * group + row % group) * p.out_stride_head;
+    out[d] = from_float<T>(sum * inv_denominator[r]);
   }
 }
 
 // Launches the kernels for one dtype: defined in paged_attention_launch.cuh, instantiated
 // in paged_attention_<dtype>.cu. This header stays free of launch syntax.
 template <typename T>
-void launch_paged_attention_typed(const AttentionParams& p, int64_t num_tokens, cudaStream_t stream);
+void launch_paged_attention_typed(const AttentionLaunch& launch, cudaStream_t stream);
 
 }  // namespace kvtuner::cuda
