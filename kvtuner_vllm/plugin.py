@@ -204,6 +204,9 @@ def _wrap_attention_spec() -> None:
         spec = original(self, vllm_config)
         if spec is None or self.kv_cache_dtype != DTYPE:
             return spec
+        from kvtuner_vllm.vllm_config import check_layer_block_size
+
+        check_layer_block_size(self, spec.block_size)  # where vLLM's final block size is known
         return dataclasses.replace(spec, state_content_bytes=self.impl.fmt.bytes_per_token, dtype=torch.uint8)
 
     setattr(get_kv_cache_spec, _WRAPPED, True)

@@ -176,6 +176,14 @@ def layer_format(vllm_config, layer_name: str, head_size: int) -> kvformat.Layer
     return fmt
 
 
+def check_layer_block_size(attention, block_size: int) -> None:
+    """The layer's window and kivi groups against the block size vLLM settled on."""
+    try:
+        kvformat.check_block_size(attention.impl.fmt, block_size)
+    except ValueError as err:
+        raise PrecisionMapError(f"{attention.layer_name}: {err}") from None
+
+
 def bind_layer(attention) -> None:
     """At an Attention layer's construction: its packed format on the impl, and its window ring."""
     from vllm.config import get_current_vllm_config

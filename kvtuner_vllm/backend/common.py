@@ -29,6 +29,8 @@ from kvtuner_vllm import BACKEND_NAME, DTYPE, ops
 from kvtuner_vllm import format as kvformat
 from kvtuner_vllm.errors import UnsupportedConfigError
 
+PREFERRED_BLOCK_SIZE = 128
+
 
 class KVTunerBackendMixin:
     """What both platforms' backends declare; listed before the vLLM backend class it refines, so
@@ -54,6 +56,12 @@ class KVTunerBackendMixin:
     def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list[int | MultipleOf]:
         # Any multiple of 16 keeps vLLM from splitting its blocks into smaller kernel blocks.
         return [MultipleOf(16)]
+
+    @classmethod
+    def get_preferred_block_size(cls, default_block_size: int) -> int:
+        # The window lies inside a block (format.py): vLLM CUDA's default of 16 positions would cut
+        # it short at every block start; 128 is also vLLM CPU's default.
+        return max(default_block_size, PREFERRED_BLOCK_SIZE)
 
     @classmethod
     def get_supported_head_sizes(cls) -> list[int]:
@@ -130,6 +138,7 @@ class KVTunerMetadata(AttentionMetadata):
     block_table: torch.Tensor  # int32 [num_seqs, max_blocks]
     slot_mapping: torch.Tensor  # int64 [num_tokens]
     stock: Any = None  # the platform's own metadata, for groups of unquantized (16/16) layers
+    workspace: torch.Tensor | None = None  # the kernels' split-key scratch (CUDA: vLLM's workspace manager)
 
 
 class KVTunerMetadataBuilder(AttentionMetadataBuilder[KVTunerMetadata]):
@@ -241,7 +250,7 @@ class KVTunerAttentionImpl(AttentionImpl[KVTunerMetadata]):
         ring_cache, ring_ids = self._ring()
         ops.paged_attention(output[:n], query[:n], key[:n], value[:n], kv_cache, md.block_table, md.seq_lens,
                             md.query_start_loc, md.max_query_len, md.max_seq_len, self.scale, self.fmt,
-                            ring_cache, ring_ids, softcap=self.logits_soft_cap)
+                            ring_cache, ring_ids, softcap=self.logits_soft_cap, workspace=md.workspace)
         if ring_cache is not None:  # after attention: this step's rows read themselves from key/value
             ops.write_window(key[:n], value[:n], ring_cache, ring_ids, md.query_start_loc, md.seq_lens, self.fmt)
         return output

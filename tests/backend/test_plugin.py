@@ -202,6 +202,19 @@ def test_window_longer_than_the_block_is_refused(monkeypatch):
         _bind(monkeypatch, config, _attention(0))
 
 
+def test_block_size_settled_after_binding_is_checked_with_the_spec(monkeypatch):
+    """On CUDA vLLM picks the block size in EngineCore, after the layers are built: the spec checks it."""
+    from vllm.model_executor.layers.attention import Attention
+
+    config = _vllm_config(PAIRS, residual_length=32)
+    config.cache_config.block_size = None
+    layer = _attention(0)
+    _bind(monkeypatch, config, layer)
+    config.cache_config.block_size = 16
+    with pytest.raises(PrecisionMapError, match="layers.0.*residual_length 32 exceeds the block size 16"):
+        Attention.get_kv_cache_spec(layer, config)
+
+
 def test_impl_refuses_what_it_cannot_compute():
     for kwargs, what in [({"alibi_slopes": [1.0]}, "ALiBi"), ({"sliding_window": 64}, "sliding-window"),
                          ({"kv_sharing_target_layer_name": "x"}, "cross-layer KV sharing"),
