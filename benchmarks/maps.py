@@ -1,30 +1,46 @@
-"""The precision maps the benchmarks serve: uniform pairs and the recorded calibrated maps."""
+"""The KV cache configurations the quality benchmark serves: vLLM's own, uniform kvtuner maps in
+format v1 (no window) and v2 (full-precision window; per-token groups or KIVI keys), and the
+recorded calibrated maps."""
 
 from __future__ import annotations
 
 import json
-import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
-from kvtuner_vllm.precision_map import PrecisionMap
+from kvtuner_vllm.precision_map import LayerPrecision, PrecisionMap
 
-UNIFORM_PAIRS = ((8, 8), (8, 4), (4, 4), (4, 2), (2, 2))
 CALIBRATION_RUNS = Path(__file__).resolve().parent / "calibration"
+# name -> (group size, map options, uniform pairs served)
+VARIANTS = {
+    "v1": (64, {}, ((8, 8), (4, 4), (4, 2))),
+    "v2": (64, {"residual_length": 32}, ((8, 8), (8, 4), (4, 4), (4, 2), (2, 2))),
+    "v2 kivi": (32, {"scheme": "kivi", "key_group_size": 32, "residual_length": 32}, ((4, 4), (2, 4), (4, 2))),
+}
 
 
-def pair_label(key_bits: int, value_bits: int) -> str:
-    return f"KV{key_bits}" if key_bits == value_bits else f"K{key_bits}V{value_bits}"
+@dataclass(frozen=True)
+class KVConfig:
+    name: str
+    kv_cache_dtype: str
+    precision_map: str | None = None  # kvtuner only
+    avg_bits: float = 16.0
 
 
-def write_benchmark_maps(model_dir: str, out: Path, group_size: int = 64) -> Path:
-    """uniform_<pair>.json for the model, and calibrated_<run>.json for each recorded calibration run."""
+def write_benchmark_maps(model_dir: str, out: Path) -> list[KVConfig]:
+    """auto, fp8, a uniform map per variant and pair, and each recorded calibration run's map."""
     out.mkdir(parents=True, exist_ok=True)
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    layers = config["num_hidden_layers"]
-    for k, v in UNIFORM_PAIRS:
-        PrecisionMap.uniform(layers, k, v, group_size, model=Path(model_dir).name).save(
-            out / f"uniform_{pair_label(k, v)}.json"
-        )
+    model = Path(model_dir).name
+    layers = json.loads((Path(model_dir) / "config.json").read_text())["num_hidden_layers"]
+    configs = [KVConfig("auto", "auto"), KVConfig("fp8 (vLLM)", "fp8", avg_bits=8.0)]
+    for variant, (group_size, options, pairs) in VARIANTS.items():
+        for k, v in pairs:
+            pmap = PrecisionMap.uniform(layers, k, v, group_size, model=model, **options)
+            label = LayerPrecision(key_bits=k, value_bits=v).label
+            path = out / f"uniform_{variant.replace(' ', '_')}_{label}.json"
+            pmap.save(path)
+            configs.append(KVConfig(f"{variant} {label}", "kvtuner", str(path), pmap.avg_bits))
     for run_map in sorted(CALIBRATION_RUNS.glob("*/precision_map.json")):
-        shutil.copy(run_map, out / f"calibrated_{run_map.parent.name}.json")
-    return out
+        pmap = PrecisionMap.load(run_map)
+        configs.append(KVConfig(f"KVTuner {pmap.avg_bits:.2f}b", "kvtuner", str(run_map), pmap.avg_bits))
+    return configs

@@ -30,10 +30,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from benchmarks.common import RESULTS_DIR, machine_info, write_json
+from benchmarks.maps import KVConfig, write_benchmark_maps
+from benchmarks.server import capacity_tokens
 
 HELDOUT_FILES = ("GPL-3", "Apache-2.0", "MPL-2.0", "LGPL-2.1")
 LICENSES = Path("/usr/share/common-licenses")
 TOP_K = 20
+# max_model_len, and so the request length vLLM's capacity count assumes (each request also holds
+# its window rings: one block per running request for SmolLM2's maps with a window).
+CAPACITY_REQUEST_TOKENS = 2048
 QUESTIONS = Path(__file__).with_name("data") / "questions.jsonl"
 GREEDY_PROMPTS = (
     "The capital of France is",
@@ -48,14 +53,6 @@ GREEDY_PROMPTS = (
 
 
 @dataclass(frozen=True)
-class KVConfig:
-    name: str
-    kv_cache_dtype: str
-    precision_map: str | None = None  # kvtuner only
-    avg_bits: float = 16.0
-
-
-@dataclass(frozen=True)
 class Settings:
     windows: int
     window_tokens: int
@@ -63,8 +60,8 @@ class Settings:
     kv_space_gib: int = 1
 
 
-QUICK = Settings(windows=4, window_tokens=256, greedy_tokens=32)
-FULL = Settings(windows=16, window_tokens=512, greedy_tokens=64)
+QUICK = Settings(windows=4, window_tokens=256, greedy_tokens=48)
+FULL = Settings(windows=16, window_tokens=512, greedy_tokens=48)
 
 
 def heldout_windows(tokenizer, settings: Settings) -> list[list[int]]:
@@ -87,7 +84,7 @@ def _engine(model_dir: str, config: KVConfig, settings: Settings):
         kv_cache_dtype=config.kv_cache_dtype,
         dtype="bfloat16",
         enforce_eager=True,
-        max_model_len=max(1024, settings.window_tokens + 64),
+        max_model_len=CAPACITY_REQUEST_TOKENS,
         max_logprobs=TOP_K,
         seed=0,
         **extra,
@@ -124,11 +121,9 @@ def run_one(model_dir: str, config: KVConfig, settings: Settings) -> dict:
     """Everything measured for one configuration (runs inside its own process)."""
     started = time.perf_counter()
     llm = _engine(model_dir, config, settings)
-    cache = llm.llm_engine.vllm_config.cache_config
     windows = heldout_windows(llm.get_tokenizer(), settings)
     return {
         "config": asdict(config),
-        "kv_capacity_tokens": cache.num_gpu_blocks * cache.block_size,
         "windows": windows,
         "logprobs": [[{str(t): lp for t, lp in pos.items()} for pos in w] for w in _teacher_forced(llm, windows)],
         "greedy": _greedy(llm, settings.greedy_tokens),
@@ -208,25 +203,17 @@ def summarize(runs: list[dict]) -> list[dict]:
 # -- orchestration -------------------------------------------------------------------------------
 
 
-def configurations(maps_dir: Path) -> list[KVConfig]:
-    """auto, vLLM's own CPU quantized KV, uniform pairs, and the calibrated maps found in maps_dir."""
-    configs = [KVConfig("auto", "auto"), KVConfig("fp8 (vLLM)", "fp8", avg_bits=8.0)]
-    for k, v in ((8, 8), (8, 4), (4, 4), (4, 2), (2, 2)):
-        label = f"KV{k}" if k == v else f"K{k}V{v}"
-        configs.append(KVConfig(label, "kvtuner", str(maps_dir / f"uniform_{label}.json"), (k + v) / 2))
-    for path in sorted(maps_dir.glob("calibrated_*.json")):
-        bits = json.loads(path.read_text())
-        avg = sum(layer["key_bits"] + layer["value_bits"] for layer in bits["layers"]) / (2 * bits["num_layers"])
-        configs.append(KVConfig(f"KVTuner {avg:.2f}b", "kvtuner", str(path), avg))
-    return configs
-
-
 def _run_in_subprocess(model_dir: str, config: KVConfig, settings: Settings, out: Path) -> dict:
-    """A fresh process per engine: vLLM CPU spawns workers and holds its KV pool until exit."""
+    """A fresh process per engine: vLLM CPU spawns workers and holds its KV pool until exit. The
+    capacity is vLLM's own count from EngineCore's log (max concurrency x max_model_len: it charges
+    each request the window rings it holds)."""
     cmd = [sys.executable, "-m", "benchmarks.quality", "--one", json.dumps(asdict(config)),
            "--model", model_dir, "--settings", json.dumps(asdict(settings)), "--out", str(out)]
-    subprocess.run(cmd, check=True, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(settings.kv_space_gib)})
-    return json.loads(out.read_text())
+    log = subprocess.run(cmd, check=True, capture_output=True, text=True,
+                         env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(settings.kv_space_gib)})
+    run = json.loads(out.read_text())
+    run["kv_capacity_tokens"] = capacity_tokens(log.stdout + log.stderr)
+    return run
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -243,17 +230,15 @@ def main(argv: list[str] | None = None) -> None:
         Path(args.out).write_text(json.dumps(result))
         return
 
-    from benchmarks.maps import write_benchmark_maps
     from kvtuner_vllm import smollm2
 
     model_dir = args.model or str(smollm2.materialize())
     settings = QUICK if args.quick else FULL
     work = RESULTS_DIR / "quality_runs"
     work.mkdir(parents=True, exist_ok=True)
-    maps_dir = write_benchmark_maps(model_dir, work / "maps")
     started = time.perf_counter()
     runs = []
-    for config in configurations(maps_dir):
+    for config in write_benchmark_maps(model_dir, work / "maps"):
         print(f"[quality] {config.name} ...", flush=True)
         runs.append(_run_in_subprocess(model_dir, config, settings, work / f"{config.name.replace(' ', '_')}.json"))
     rows = summarize(runs)
@@ -265,24 +250,42 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps(rows, indent=2))
 
 
+MARKERS = {"v1": "x", "v2": "o", "v2 kivi": "^", "KVTuner": "*"}
+
+
+def _family(name: str) -> str:
+    """A row's curve: the map variant of a uniform row, "KVTuner" for calibrated maps, else the name."""
+    if name.startswith("KVTuner"):
+        return "KVTuner"
+    return name.rsplit(" ", 1)[0] if name.startswith("v") else name
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    families: dict[str, list[dict]] = {}
+    for row in rows:
+        families.setdefault(_family(row["name"]), []).append(row)
     for ax, metric, label in ((axes[0], "ppl", "held-out perplexity"), (axes[1], "kl_topk", "KL to auto (top-20)")):
-        for row in rows:
-            marker = "*" if row["name"].startswith("KVTuner") else "o"
-            ax.scatter(row["avg_bits"], row[metric], marker=marker, s=120 if marker == "*" else 50)
-            ax.annotate(row["name"], (row["avg_bits"], row[metric]), fontsize=7, xytext=(4, 3),
-                        textcoords="offset points")
-        ax.set_xlabel("average KV bits")
+        for family, members in families.items():
+            members = sorted(members, key=lambda r: r["avg_bits"])
+            ax.plot([r["avg_bits"] for r in members], [r[metric] for r in members], marker=MARKERS.get(family, "s"),
+                    linestyle="-" if family in MARKERS and family != "KVTuner" else "none", label=family,
+                    markersize=11 if family == "KVTuner" else 6)
+            for r in members:
+                ax.annotate(r["name"].removeprefix(family).strip() or r["name"], (r["avg_bits"], r[metric]),
+                            fontsize=7, xytext=(4, 3), textcoords="offset points")
+        ax.set_xlabel("average KV bits (codes)")
         ax.set_ylabel(label)
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    fig.suptitle("SmolLM2-135M-Instruct served by vLLM: quality vs KV bits (stars: calibrated maps)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("SmolLM2-135M-Instruct served by vLLM: quality vs KV bits "
+                 "(v1: no window; v2: 32-position full-precision window)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

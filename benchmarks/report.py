@@ -50,8 +50,10 @@ def quality_section(result: dict) -> list[str]:
         f"{s['window_tokens']} tokens (Debian licence texts, never seen by calibration): perplexity, KL to `auto` "
         "over auto's top-20 tokens (a lower bound), top-1 agreement; greedy agreement = matching prefix of "
         f"{s['greedy_tokens']}-token continuations of 8 prompts; QA = 20 short questions with known answers; "
-        f"capacity = the engine's own KV token count in {s['kv_space_gib']} GiB. KVTuner rows are the "
-        "calibrated maps in `benchmarks/calibration/`.",
+        f"capacity = vLLM's own KV token count in {s['kv_space_gib']} GiB for 2048-token requests (it charges "
+        "each request the window rings it holds). v1 rows: format v1 (every position packed, group 64); v2 rows: "
+        "the newest 32 positions of a block in full precision (group 64); v2 kivi: KIVI keys over 32 positions, "
+        "values in groups of 32, same window. KVTuner rows are the calibrated maps in `benchmarks/calibration/`.",
         "",
         *_table(["KV cache", "avg bits", "PPL", "KL", "top-1", "greedy", "QA", "KV tokens", "vs auto"], rows),
         "",
