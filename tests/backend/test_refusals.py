@@ -11,6 +11,7 @@ import pytest
 vllm = pytest.importorskip("vllm")
 
 from bad_inputs import cases  # noqa: E402
+from conftest import kvtuner_args, write_map  # noqa: E402
 
 from kvtuner_vllm.errors import KVTunerConfigError  # noqa: E402
 
@@ -48,8 +49,6 @@ def test_refused_with_the_problem_and_the_fix(all_cases, name, monkeypatch):
 
 
 def test_a_good_map_passes(all_cases, monkeypatch, tmp_path):
-    from conftest import kvtuner_args, write_map
-
     good = replace(all_cases["malformed"],
                    args=kvtuner_args(write_map(tmp_path / "good.json", [(8, 4)] * 4, residual_length=32)))
     config = _engine_config(good, monkeypatch)
