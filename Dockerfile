@@ -1,5 +1,5 @@
 # kvtuner-vllm on CUDA: the official vLLM OpenAI server image of the one vLLM release we support
-# (kvtuner_vllm.SUPPORTED_VLLM), with the kernels built for Ampere and Hopper.
+# (kvtuner_vllm.SUPPORTED_VLLM), with the kernels built for Ampere and Hopper (PTX for newer GPUs).
 #   docker build -t kvtuner-vllm .
 #   docker run --gpus all -p 8000:8000 -v ~/.cache/huggingface:/root/.cache/huggingface \
 #       kvtuner-vllm MODEL --kv-cache-dtype kvtuner
@@ -22,7 +22,8 @@ COPY csrc ./csrc
 COPY kvtuner_vllm ./kvtuner_vllm
 COPY calibration ./calibration
 
-# sm80 (A100), sm86 (A10/RTX 30xx), sm89 (L4/RTX 40xx), sm90 (H100): setup.py's CUDA_ARCHS.
+# sm80 (A100), sm86 (A10/RTX 30xx), sm89 (L4/RTX 40xx), sm90 (H100): setup.py's CUDA_ARCHS, whose
+# build adds compute_90 PTX that the driver compiles for newer GPUs.
 ENV TORCH_CUDA_ARCH_LIST="8.0 8.6 8.9 9.0" \
     KVTUNER_BUILD_CUDA=1 \
     MAX_JOBS=4
