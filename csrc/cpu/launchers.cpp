@@ -7,6 +7,7 @@
 #include <atomic>
 
 #include "cpu/packed_kernels.h"
+#include "cpu/prefill_attention.h"
 #include "launcher_args.h"
 #include "ops.h"
 
@@ -78,10 +79,18 @@ void paged_attention_cpu(torch::Tensor& out, const torch::Tensor& query, const t
       out, query, key, value, kv_cache, ring_cache, ring_block_ids, block_table, seq_lens, query_start_loc,
       max_query_len, max_seq_len, scale, key_bits, value_bits, group_size, key_group_size, residual_length, softcap);
 
-  const kvtuner::cpu::AttentionPlan plan = kvtuner::cpu::plan_attention(params, at::get_num_threads());
+  kvtuner::cpu::AttentionPlan plan = kvtuner::cpu::plan_attention(params, at::get_num_threads());
+  // Prefill route (cpu/prefill_attention.h): sequences with many query rows run on the matrix
+  // units; the generic kernel keeps the others. One queue, the routed (largest) items first.
+  const kvtuner::cpu::PrefillPlan prefill = kvtuner::cpu::plan_prefill(params, at::get_num_threads());
+  kvtuner::cpu::drop_routed_sequences(prefill, plan.items);
+  kvtuner::cpu::drop_routed_sequences(prefill, plan.reductions);
+  const int64_t routed = int64_t(prefill.items.size());
   std::vector<float> partial(size_t(plan.partial_rows) * (params.head_size + 2));
-  parallel_dynamic(int64_t(plan.items.size()),
-                   [&](int64_t i) { kvtuner::cpu::run_work_item(params, plan.items[i], partial.data()); });
+  parallel_dynamic(routed + int64_t(plan.items.size()), [&](int64_t i) {
+    if (i < routed) kvtuner::cpu::run_prefill_item(params, prefill, prefill.items[i]);
+    else kvtuner::cpu::run_work_item(params, plan.items[i - routed], partial.data());
+  });
   parallel_dynamic(int64_t(plan.reductions.size()),
                    [&](int64_t i) { kvtuner::cpu::reduce_partitions(params, plan.reductions[i], partial.data()); });
 }

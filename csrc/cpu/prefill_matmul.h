@@ -1,0 +1,232 @@
+// The two matrix products of prefill attention, on AMX tiles or AVX512-BF16 dot products, and
+// the tiled layouts they read and write. Included by prefill_attention.cpp inside its AVX-512
+// target region only.
+//
+// Both products take bfloat16 inputs and accumulate in fp32. The right operands are in the
+// "VNNI" layout the units read: pairs of consecutive reduction indices packed into one 32-bit
+// word,
+//   keys:   k2[c / 2][n] = (k[n][c], k[n][c + 1])     (scores = q . k over `depth` channels)
+//   values: v2[n / 2][d] = (v[n][d], v[n + 1][d])     (acc += p . v over `width` keys)
+// Every operand is stored as contiguous 16-row x 64-byte tiles (the AMX tile shape), so a tile
+// load reads 1 KiB in one piece: row-major strides of 256 or 512 bytes put the rows of the
+// operands in the same few cache sets and cost AMX half its speed. A buffer is a grid of tiles,
+// `tiles` per 16-row band; `tiled(r, t, tiles, row)` is where row r of tile column t starts
+// (`row` elements per tile row):
+//   query  [rows/16][depth/32] tiles, 16 rows x 32 bf16          (left of scores)
+//   keys   [depth/32][kKeyBlocks] tiles, 16 pair rows x 16 words (right of scores)
+//   scores [rows/16][kKeyBlocks] tiles, 16 rows x 16 fp32        (result of scores)
+//   probs  [rows/16][kProbBlocks] tiles, 16 rows x 32 bf16       (left of P.V)
+//   values [kMaxKeyTile/32][D/16] tiles, 16 pair rows x 16 words (right of P.V)
+//   acc    [rows/16][D/16] tiles, 16 rows x 16 fp32              (result of P.V)
+// Rows come in multiples of 16 (the caller pads them); D is a multiple of 32.
+#pragma once
+
+#if !defined(KVT_PREFILL_TARGET_REGION)
+#error "prefill_matmul.h belongs inside prefill_attention.cpp's AVX-512 target region"
+#endif
+
+#include <immintrin.h>
+
+#include <cstdint>
+
+namespace kvtuner::cpu::prefill {
+
+// Keys per tile, at most. A tile's width is a multiple of 32 (one reduction step of P.V).
+constexpr int kMaxKeyTile = 128;
+constexpr int kKeyBlocks = kMaxKeyTile / 16;   // 16-key tile columns of scores and keys
+constexpr int kProbBlocks = kMaxKeyTile / 32;  // 32-key tile columns of probs
+constexpr int kTileBytes = 1024;
+
+inline int64_t tiled(int r, int t, int tiles, int row) {
+  return (int64_t(r >> 4) * tiles + t) * 16 * row + (r & 15) * row;
+}
+
+// ---------------------------------------------------------------------------------------
+// AMX: tmm0-3 accumulate (2 x 2 tiles), tmm4-5 hold left tiles, tmm6-7 right tiles, all 16
+// rows x 64 bytes. The asm statements clobber memory so that the compiler keeps tile stores
+// ahead of the vector code that reads them.
+// ---------------------------------------------------------------------------------------
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t bytes_per_row[16] = {};
+  uint8_t rows[16] = {};
+
+  TileConfig() {
+    for (int t = 0; t < 8; ++t) {
+      bytes_per_row[t] = 64;
+      rows[t] = 16;
+    }
+  }
+};
+
+inline void amx_begin() {
+  static const TileConfig config;
+  asm volatile("ldtilecfg %0" ::"m"(config));
+}
+
+inline void amx_end() { asm volatile("tilerelease" ::: "memory"); }
+
+#define KVT_TILE_LOAD(tile, base) asm volatile("tileloadd (%0,%1,1), %%tmm" #tile ::"r"(base), "r"(int64_t(64)) : "memory")
+#define KVT_TILE_STORE(tile, base) \
+  asm volatile("tilestored %%tmm" #tile ", (%0,%1,1)" ::"r"(base), "r"(int64_t(64)) : "memory")
+#define KVT_TILE_ZERO(tile) asm volatile("tilezero %%tmm" #tile ::)
+#define KVT_TILE_DOT(acc, left, right) asm volatile("tdpbf16ps %%tmm" #right ", %%tmm" #left ", %%tmm" #acc ::)
+
+// Where the tiles of one product lie (byte offsets between tiles).
+struct TileGrid {
+  int64_t left_band;   // from a left tile to the one 16 rows down
+  int64_t left_step;   // to the next reduction step
+  int64_t right_step;  // from a right tile to the next reduction step (the next column is +1 tile)
+  int64_t out_band;    // from a result tile to the one 16 rows down (the next column is +1 tile)
+};
+
+// One or two 16-row bands x 32 result columns: C (+)= sum over `steps` of A . B.
+template <bool kTwoBands, bool kAccumulate>
+inline void amx_block(const uint8_t* a, const uint8_t* b, uint8_t* c, int steps, const TileGrid& g) {
+  uint8_t* c_low = c + g.out_band;
+  if constexpr (kAccumulate) {
+    KVT_TILE_LOAD(0, c);
+    KVT_TILE_LOAD(1, c + kTileBytes);
+    if constexpr (kTwoBands) {
+      KVT_TILE_LOAD(2, c_low);
+      KVT_TILE_LOAD(3, c_low + kTileBytes);
+    }
+  } else {
+    KVT_TILE_ZERO(0);
+    KVT_TILE_ZERO(1);
+    if constexpr (kTwoBands) {
+      KVT_TILE_ZERO(2);
+      KVT_TILE_ZERO(3);
+    }
+  }
+  for (int s = 0; s < steps; ++s) {
+    const uint8_t* left = a + s * g.left_step;
+    const uint8_t* right = b + s * g.right_step;
+    KVT_TILE_LOAD(4, left);
+    KVT_TILE_LOAD(6, right);
+    KVT_TILE_DOT(0, 4, 6);
+    KVT_TILE_LOAD(7, right + kTileBytes);
+    KVT_TILE_DOT(1, 4, 7);
+    if constexpr (kTwoBands) {
+      KVT_TILE_LOAD(5, left + g.left_band);
+      KVT_TILE_DOT(2, 5, 6);
+      KVT_TILE_DOT(3, 5, 7);
+    }
+  }
+  KVT_TILE_STORE(0, c);
+  KVT_TILE_STORE(1, c + kTileBytes);
+  if constexpr (kTwoBands) {
+    KVT_TILE_STORE(2, c_low);
+    KVT_TILE_STORE(3, c_low + kTileBytes);
+  }
+}
+
+// `bands` 16-row bands (from a and c on) x `column_pairs` pairs of result tile columns.
+template <bool kAccumulate>
+inline void amx_product(const uint8_t* a, const uint8_t* b, uint8_t* c, int steps, int column_pairs,
+                        const TileGrid& g, int bands) {
+  int band = 0;
+  for (; band + 2 <= bands; band += 2) {
+    for (int pair = 0; pair < column_pairs; ++pair) {
+      amx_block<true, kAccumulate>(a + band * g.left_band, b + 2 * pair * kTileBytes,
+                                   c + band * g.out_band + 2 * pair * kTileBytes, steps, g);
+    }
+  }
+  if (band < bands) {
+    for (int pair = 0; pair < column_pairs; ++pair) {
+      amx_block<false, kAccumulate>(a + band * g.left_band, b + 2 * pair * kTileBytes,
+                                    c + band * g.out_band + 2 * pair * kTileBytes, steps, g);
+    }
+  }
+}
+
+// scores[r][n] = q[r] . k[n] over `depth` channels for `bands` x 16 rows (query and scores point
+// at their first band), keys n < width. The query buffer holds `query_depth` channels per row.
+inline void amx_scores(const uint16_t* query, int query_depth, const uint32_t* keys, int depth, int width,
+                       float* scores, int bands) {
+  const int query_steps = query_depth / 32;
+  const TileGrid g{int64_t(query_steps) * kTileBytes, kTileBytes, int64_t(kKeyBlocks) * kTileBytes,
+                   int64_t(kKeyBlocks) * kTileBytes};
+  amx_product<false>(reinterpret_cast<const uint8_t*>(query), reinterpret_cast<const uint8_t*>(keys),
+                     reinterpret_cast<uint8_t*>(scores), depth / 32, width / 32, g, bands);
+}
+
+// acc[r][d] += sum_{n < width} probs[r][n] * v[n][d] for `bands` x 16 rows (probs and acc point at
+// their first band).
+inline void amx_accumulate(const uint16_t* probs, const uint32_t* values, int head_size, int width, float* acc,
+                           int bands) {
+  const int64_t channel_tiles = head_size / 16;
+  const TileGrid g{int64_t(kProbBlocks) * kTileBytes, kTileBytes, channel_tiles * kTileBytes,
+                   channel_tiles * kTileBytes};
+  amx_product<true>(reinterpret_cast<const uint8_t*>(probs), reinterpret_cast<const uint8_t*>(values),
+                    reinterpret_cast<uint8_t*>(acc), width / 32, head_size / 32, g, bands);
+}
+
+#undef KVT_TILE_LOAD
+#undef KVT_TILE_STORE
+#undef KVT_TILE_ZERO
+#undef KVT_TILE_DOT
+
+// ---------------------------------------------------------------------------------------
+// AVX512-BF16: vdpbf16ps adds a[2i] * b[2i] + a[2i+1] * b[2i+1] into fp32 lane i, so a row of a
+// right tile is one operand, and each left pair is broadcast. Four rows share the right loads.
+// ---------------------------------------------------------------------------------------
+
+inline __m512bh as_bf16(__m512i v) { return (__m512bh)v; }
+
+inline uint32_t left_pair(const uint16_t* buffer, int tiles, int r, int pair) {
+  uint32_t word;
+  __builtin_memcpy(&word, buffer + tiled(r, pair / 16, tiles, 32) + 2 * (pair % 16), 4);
+  return word;
+}
+
+inline void dot_scores(const uint16_t* query, int query_depth, const uint32_t* keys, int depth, int width,
+                       float* scores, int bands) {
+  const int query_steps = query_depth / 32;
+  for (int r = 0; r < 16 * bands; r += 4) {
+    for (int block = 0; block < width / 16; block += 4) {  // 4 rows x 64 keys: 16 accumulators
+      const int vecs = width / 16 - block >= 4 ? 4 : width / 16 - block;
+      __m512 acc[4][4];
+      for (int i = 0; i < 4; ++i)
+        for (int v = 0; v < 4; ++v) acc[i][v] = _mm512_setzero_ps();
+      for (int c = 0; c < depth / 2; ++c) {
+        __m512i k[4];
+        for (int v = 0; v < vecs; ++v) k[v] = _mm512_loadu_si512(keys + tiled(c, block + v, kKeyBlocks, 16));
+        for (int i = 0; i < 4; ++i) {
+          const __m512i q = _mm512_set1_epi32(int(left_pair(query, query_steps, r + i, c)));
+          for (int v = 0; v < vecs; ++v) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], as_bf16(q), as_bf16(k[v]));
+        }
+      }
+      for (int i = 0; i < 4; ++i)
+        for (int v = 0; v < vecs; ++v) _mm512_storeu_ps(scores + tiled(r + i, block + v, kKeyBlocks, 16), acc[i][v]);
+    }
+  }
+}
+
+inline void dot_accumulate(const uint16_t* probs, const uint32_t* values, int head_size, int width, float* acc,
+                           int bands) {
+  const int channel_tiles = head_size / 16;
+  for (int r = 0; r < 16 * bands; r += 4) {
+    for (int block = 0; block < channel_tiles; block += 4) {  // 4 rows x 64 channels: 16 accumulators
+      const int vecs = channel_tiles - block >= 4 ? 4 : channel_tiles - block;
+      __m512 sum[4][4];
+      for (int i = 0; i < 4; ++i)
+        for (int v = 0; v < vecs; ++v) sum[i][v] = _mm512_loadu_ps(acc + tiled(r + i, block + v, channel_tiles, 16));
+      for (int n = 0; n < width / 2; ++n) {
+        __m512i vv[4];
+        for (int v = 0; v < vecs; ++v) vv[v] = _mm512_loadu_si512(values + tiled(n, block + v, channel_tiles, 16));
+        for (int i = 0; i < 4; ++i) {
+          const __m512i p = _mm512_set1_epi32(int(left_pair(probs, kProbBlocks, r + i, n)));
+          for (int v = 0; v < vecs; ++v) sum[i][v] = _mm512_dpbf16_ps(sum[i][v], as_bf16(p), as_bf16(vv[v]));
+        }
+      }
+      for (int i = 0; i < 4; ++i)
+        for (int v = 0; v < vecs; ++v) _mm512_storeu_ps(acc + tiled(r + i, block + v, channel_tiles, 16), sum[i][v]);
+    }
+  }
+}
+
+}  // namespace kvtuner::cpu::prefill

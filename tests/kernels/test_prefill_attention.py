@@ -1,0 +1,181 @@
+"""paged_attention's prefill route (csrc/cpu/prefill_attention.*) against format.paged_attention_ref.
+
+The route computes Q.K^T and P.V on the CPU's matrix units (AMX, or AVX512-BF16 dot products)
+from bfloat16 operands with fp32 accumulation. Against the fp32 reference it rounds two things:
+the values read from the pages (once, 2^-9 relative) and the probabilities (once, 2^-9
+relative); the output is an exact weighted mean of those values because the softmax sum adds the
+same rounded probabilities. Quantized keys are not rounded: they enter the scores as two bf16
+parts (prefill_tiles.h), so scores keep the reference's fp32 accuracy, and the query, the ring
+and the step's own rows are bf16 already. Each output is a mean of many values, so these
+rounding errors average down; over every batch below the largest error stays under 0.7 of the
+kernel tests' bf16 tolerance (kernel_cases.TOLERANCE: 1 ulp of the output plus fp32 noise), which
+the tests therefore use unchanged.
+
+Sequences take the route by query rows (tokens x query heads per KV head); the tests lower the
+threshold (KVTUNER_PREFILL_MIN_ROWS=1) so that every sequence of a batch takes it, decodes and
+1-token chunks included, and name the unit (KVTUNER_PREFILL_ISA). Units the CPU lacks are
+skipped. History before a step's rows is written the way a server writes it: an earlier step's
+quantize_and_cache and write_window (ring), then this step's quantize_and_cache.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from kernel_cases import ATTENTION_BIT_PAIRS, TOLERANCE
+
+from kvtuner_vllm import format as kvformat
+from kvtuner_vllm import ops
+
+UNITS = [
+    pytest.param("amx", marks=pytest.mark.skipif(not torch.cpu._is_amx_tile_supported(), reason="no AMX")),
+    pytest.param("avx512_bf16",
+                 marks=pytest.mark.skipif(not torch.cpu._is_avx512_bf16_supported(), reason="no AVX512-BF16")),
+]
+
+# (seq_len, query_len): a whole prompt, chunks starting mid-block and at a block start, a decode,
+# a short chunk, a 1-token prompt.
+RAGGED = [(97, 97), (200, 77), (128, 64), (70, 1), (150, 17), (1, 1)]
+
+
+@pytest.fixture(params=UNITS)
+def unit(request, monkeypatch):
+    monkeypatch.setenv("KVTUNER_PREFILL_ISA", request.param)
+    monkeypatch.setenv("KVTUNER_PREFILL_MIN_ROWS", "1")
+    return request.param
+
+
+def make_step(fmt, sequences, num_q_heads, num_kv_heads, block_size, seed=0):
+    """A step's batch: per sequence (seq_len, query_len), positions before the step written by an
+    earlier step (pages and ring), then the step's own rows written to the pages."""
+    generator = torch.Generator().manual_seed(seed)
+    head_size, dtype = fmt.head_size, fmt.dtype
+    num_seqs = len(sequences)
+    blocks_per_seq = max(math.ceil(length / block_size) for length, _ in sequences)
+    num_blocks = num_seqs * blocks_per_seq + 3  # spare blocks stay garbage, never read
+    block_table = torch.randperm(num_blocks, generator=generator)[: num_seqs * blocks_per_seq]
+    block_table = block_table.view(num_seqs, blocks_per_seq).to(torch.int32)
+    kv_cache = torch.randint(0, 256, fmt.cache_shape(num_blocks, num_kv_heads, block_size), dtype=torch.uint8,
+                             generator=generator)
+    ring_cache = ring_block_ids = None
+    if fmt.has_window:  # rows the reference never reads stay random
+        ring_cache = torch.randn(fmt.ring_shape(num_seqs + 2, num_kv_heads), generator=generator).to(dtype)
+        ring_block_ids = torch.randperm(num_seqs + 2, generator=generator)[:num_seqs].to(torch.int32)
+    channel_offset = torch.randn(num_kv_heads, head_size, generator=generator) * 2  # outlier channels
+    keys = [(torch.randn(length, num_kv_heads, head_size, generator=generator) + channel_offset).to(dtype)
+            for length, _ in sequences]
+    values = [torch.randn(length, num_kv_heads, head_size, generator=generator).to(dtype) for length, _ in sequences]
+
+    def write(ranges):
+        """One step writing positions [begin, end) of each sequence; returns its varlen tensors."""
+        query_start_loc = torch.zeros(num_seqs + 1, dtype=torch.int32)
+        query_start_loc[1:] = torch.tensor([end - begin for begin, end in ranges]).cumsum(0)
+        seq_lens = torch.tensor([end for _, end in ranges], dtype=torch.int32)
+        key = torch.cat([k[begin:end] for k, (begin, end) in zip(keys, ranges, strict=True)])
+        value = torch.cat([v[begin:end] for v, (begin, end) in zip(values, ranges, strict=True)])
+        slots = torch.cat([block_table[seq, torch.arange(begin, end) // block_size].long() * block_size +
+                           torch.arange(begin, end) % block_size for seq, (begin, end) in enumerate(ranges)])
+        kvformat.quantize_and_cache_ref(key, value, kv_cache, slots, fmt, query_start_loc, seq_lens, ring_cache,
+                                        ring_block_ids)
+        return key, value, query_start_loc, seq_lens
+
+    firsts = [length - query_len for length, query_len in sequences]
+    if any(firsts):
+        history = write([(0, first) for first in firsts])
+        if fmt.has_window:
+            kvformat.write_window_ref(history[0], history[1], ring_cache, ring_block_ids, history[2], history[3], fmt)
+    key, value, query_start_loc, seq_lens = write([(first, length) for first, (length, _) in zip(firsts, sequences)])
+    query = torch.randn(key.shape[0], num_q_heads, head_size, generator=generator).to(dtype)
+    return dict(query=query, key=key, value=value, kv_cache=kv_cache, block_table=block_table, seq_lens=seq_lens,
+                query_start_loc=query_start_loc, ring_cache=ring_cache, ring_block_ids=ring_block_ids)
+
+
+def check_step(fmt, sequences, num_q_heads, num_kv_heads, block_size, softcap=None, seed=0):
+    step = make_step(fmt, sequences, num_q_heads, num_kv_heads, block_size, seed)
+    scale = fmt.head_size**-0.5
+    expected = kvformat.paged_attention_ref(
+        step["query"], step["key"], step["value"], step["kv_cache"], step["block_table"], step["seq_lens"],
+        step["query_start_loc"], scale, fmt, step["ring_cache"], step["ring_block_ids"], softcap)
+    out = torch.full_like(step["query"], float("nan"))
+    query_lens = [query_len for _, query_len in sequences]
+    ops.paged_attention(out, step["query"], step["key"], step["value"], step["kv_cache"], step["block_table"],
+                        step["seq_lens"], step["query_start_loc"], max(query_lens), max(s for s, _ in sequences),
+                        scale, fmt, step["ring_cache"], step["ring_block_ids"], softcap)
+    torch.testing.assert_close(out.float(), expected.float(), **TOLERANCE[fmt.dtype])
+
+
+# Every bit pair without a window; windows of 32 and of the whole block (64) with a few.
+PER_TOKEN_CASES = [(k, v, 0) for k, v in ATTENTION_BIT_PAIRS] + [(4, 4, 32), (8, 2, 32), (2, 8, 64), (16, 4, 64),
+                                                                 (4, 2, 64)]
+
+
+@pytest.mark.parametrize("key_bits,value_bits,residual_length", PER_TOKEN_CASES)
+def test_per_token_groups(key_bits, value_bits, residual_length, unit):
+    fmt = kvformat.LayerFormat(key_bits, value_bits, 64, 32, torch.bfloat16, residual_length=residual_length)
+    check_step(fmt, RAGGED, num_q_heads=9, num_kv_heads=3, block_size=64)
+
+
+@pytest.mark.parametrize(
+    "key_bits,value_bits,key_group_size,residual_length",
+    [(4, 4, 16, 16), (2, 8, 16, 64), (8, 2, 32, 32), (4, 4, 32, 64), (2, 2, 64, 64), (4, 16, 32, 32)],
+)
+def test_kivi_keys(key_bits, value_bits, key_group_size, residual_length, unit):
+    fmt = kvformat.LayerFormat(key_bits, value_bits, 64, 32, torch.bfloat16, kvformat.KIVI, key_group_size,
+                               residual_length)
+    check_step(fmt, RAGGED, num_q_heads=9, num_kv_heads=3, block_size=64)
+
+
+@pytest.mark.parametrize("scheme", [kvformat.PER_TOKEN, kvformat.KIVI])
+@pytest.mark.parametrize("head_size,group_size", [(64, 64), (96, 32), (128, 32), (128, 128), (256, 64)])
+def test_head_and_group_sizes(head_size, group_size, scheme, unit):
+    key_group_size = 32 if scheme == kvformat.KIVI else 0
+    fmt = kvformat.LayerFormat(4, 2, head_size, group_size, torch.bfloat16, scheme, key_group_size, 32)
+    check_step(fmt, [(200, 120), (45, 45), (90, 3)], num_q_heads=4, num_kv_heads=2, block_size=32)
+
+
+@pytest.mark.parametrize("num_q_heads,num_kv_heads", [(4, 4), (8, 2), (16, 2), (8, 1), (40, 8), (64, 1)])
+def test_gqa_ratios(num_q_heads, num_kv_heads, unit):
+    fmt = kvformat.LayerFormat(4, 4, 64, 32, torch.bfloat16, residual_length=32)
+    check_step(fmt, [(150, 150), (180, 33), (40, 1)], num_q_heads, num_kv_heads, block_size=32)
+
+
+@pytest.mark.parametrize("block_size,residual_length", [(16, 0), (16, 16), (128, 32), (128, 128)])
+def test_block_sizes(block_size, residual_length, unit):
+    """Key tiles of 128 positions span several 16-position blocks; 128-position blocks hold a tile."""
+    fmt = kvformat.LayerFormat(8, 4, 128, 64, torch.bfloat16, residual_length=residual_length)
+    check_step(fmt, [(600, 600), (700, 150), (260, 5)], num_q_heads=8, num_kv_heads=2, block_size=block_size)
+
+
+@pytest.mark.parametrize("scheme", [kvformat.PER_TOKEN, kvformat.KIVI])
+def test_softcap(scheme, unit):
+    key_group_size = 16 if scheme == kvformat.KIVI else 0
+    fmt = kvformat.LayerFormat(4, 4, 64, 64, torch.bfloat16, scheme, key_group_size, 16)
+    check_step(fmt, RAGGED, num_q_heads=4, num_kv_heads=2, block_size=32, softcap=30.0)
+
+
+def test_long_prompts_on_one_thread(unit):
+    """One thread: items of the largest size (128 tokens x 3 query heads), many key tiles each."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fmt = kvformat.LayerFormat(4, 4, 64, 64, torch.bfloat16, kvformat.KIVI, 32, 32)
+        check_step(fmt, [(1024, 1024), (900, 260)], num_q_heads=9, num_kv_heads=3, block_size=128)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_other_dtypes_stay_on_the_generic_kernel(dtype, unit):
+    """The route takes bfloat16 models only: fp32 must keep fp32 accuracy, which bf16 operands would lose."""
+    fmt = kvformat.LayerFormat(4, 4, 64, 32, dtype)
+    check_step(fmt, [(130, 130), (60, 20)], num_q_heads=4, num_kv_heads=2, block_size=16)
+
+
+def test_default_routing_mixes_both_kernels():
+    """Without overrides: decodes stay on the generic kernel, the prompt takes the route (where the CPU
+    has a unit), in one batch."""
+    fmt = kvformat.LayerFormat(4, 4, 64, 32, torch.bfloat16)
+    check_step(fmt, [(1, 1), (300, 1), (400, 400), (90, 1), (200, 40)], num_q_heads=9, num_kv_heads=3,
+               block_size=16)
