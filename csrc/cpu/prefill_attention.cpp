@@ -234,6 +234,7 @@ inline __m512 add_pairs(__m512 sum, __m512i bf16) {
 struct Item {
   const AttentionParams& p;
   const Workspace& w;
+  const PrefillPlan& plan;
   MatrixUnit unit;
   int head_size, kv_head, heads_per_kv;
   int rows, padded_rows;
@@ -365,9 +366,10 @@ inline void zero_rows(uint16_t* rows, int begin, int end, int pitch) {
   if (end > begin) std::memset(rows + int64_t(begin) * pitch, 0, size_t(end - begin) * pitch * 2);
 }
 
-// Packed tile: positions [begin, end) of the tile [start, start + width) from the pages, zeros elsewhere.
+// Packed tile: positions [start, end) of the tile [start, start + width) from the pages, zeros
+// elsewhere, into `keys` and `values` (layouts of prefill_matmul.h).
 void fill_packed_tile(const Item& it, int start, int width, int end, const PlaneSide& key_side,
-                      const PlaneSide& value_side) {
+                      const PlaneSide& value_side, uint32_t* keys, uint32_t* values) {
   const AttentionParams& p = it.p;
   const Workspace& w = it.w;
   const int key_pitch = it.packed_depth;
@@ -384,8 +386,8 @@ void fill_packed_tile(const Item& it, int start, int width, int end, const Plane
   }
   zero_rows(w.key_rows, end - start, width, key_pitch);
   zero_rows(w.value_rows, end - start, width, it.head_size);
-  pack_keys(w.key_rows, key_pitch, width, w.keys_packed);
-  pack_values(w.value_rows, it.head_size, width, w.values_packed);
+  pack_keys(w.key_rows, key_pitch, width, keys);
+  pack_values(w.value_rows, it.head_size, width, values);
 }
 
 // Full-precision tile: positions [begin, end) from the ring (before the step's first position)
@@ -461,16 +463,46 @@ TilePlan plan_tile(const Item& it, int start, int width, int first_row) {
   return t;
 }
 
+// The packed keys and values of the tile [start, start + width): a shared tile of the plan when
+// the tile is one (filled here if no item has claimed it yet), else the workspace's, filled here.
+struct PackedTile {
+  const uint32_t* keys;
+  const uint32_t* values;
+};
+
+PackedTile packed_tile(const Item& it, int start, int width, int end, const PlaneSide& key_side,
+                       const PlaneSide& value_side, int seq) {
+  const SharedTiles& shared = it.plan.shared;
+  const int index = start / kMaxKeyTile;
+  if (width == kMaxKeyTile && start % kMaxKeyTile == 0 && index < shared.count[seq]) {
+    const int tile = shared.first[seq] + it.kv_head * shared.count[seq] + index;
+    uint32_t* keys = reinterpret_cast<uint32_t*>(shared.data + tile * shared.tile_bytes);
+    uint32_t* values = keys + int64_t(kMaxKeyTile) * it.packed_depth / 2;
+    const PackedTile result{keys, values};
+    std::atomic<uint8_t>& state = shared.state[tile];
+    if (state.load(std::memory_order_acquire) == 2) return result;
+    uint8_t empty = 0;
+    if (state.compare_exchange_strong(empty, 1, std::memory_order_acquire)) {
+      fill_packed_tile(it, start, width, start + width, key_side, value_side, keys, values);
+      state.store(2, std::memory_order_release);
+      return result;
+    }  // another item is filling it: fill a private copy rather than wait
+  }
+  fill_packed_tile(it, start, width, end, key_side, value_side, it.w.keys_packed, it.w.values_packed);
+  return {it.w.keys_packed, it.w.values_packed};
+}
+
 void attend_tile(const Item& it, int start, int width, int first_row, const PlaneSide& key_side,
-                 const PlaneSide& value_side) {
+                 const PlaneSide& value_side, int seq) {
   const Workspace& w = it.w;
   const TilePlan t = plan_tile(it, start, width, first_row);
   const bool has_packed = t.packed_end > start, has_full = t.full_end > t.full_begin;
-  if (has_packed) fill_packed_tile(it, start, width, t.packed_end, key_side, value_side);
+  PackedTile packed{nullptr, nullptr};
+  if (has_packed) packed = packed_tile(it, start, width, t.packed_end, key_side, value_side, seq);
   if (has_full) fill_full_tile(it, start, width, t.full_begin, t.full_end);
   for (int group = t.row_begin; group < it.padded_rows; group += kGroupRows) {
     const int bands = std::min(kGroupRows, it.padded_rows - group) / 16;
-    if (has_packed) scores(it, w.keys_packed, it.packed_depth, width, w.scores_packed, group, bands);
+    if (has_packed) scores(it, packed.keys, it.packed_depth, width, w.scores_packed, group, bands);
     if (has_full) scores(it, w.keys_full, it.head_size, width, w.scores_full, group, bands);
     for (int local = 0; local < 16 * bands; ++local) {
       const int r = group + local;
@@ -483,7 +515,7 @@ void attend_tile(const Item& it, int start, int width, int first_row, const Plan
                          has_full ? w.scores_full : nullptr, has_packed ? w.probs_packed : nullptr,
                          has_full ? w.probs_full : nullptr);
     }
-    if (has_packed) accumulate(it, w.probs_packed, w.values_packed, width, group, bands);
+    if (has_packed) accumulate(it, w.probs_packed, packed.values, width, group, bands);
     if (has_full) accumulate(it, w.probs_full, w.values_full, width, group, bands);
   }
 }
@@ -531,7 +563,8 @@ void store_rows(const Item& it, int query_begin) {
   }
 }
 
-void attend_item(const AttentionParams& p, const PrefillItem& item, MatrixUnit unit, const Workspace& w) {
+void attend_item(const AttentionParams& p, const PrefillPlan& plan, const PrefillItem& item, const Workspace& w) {
+  const MatrixUnit unit = plan.unit;
   const int heads_per_kv = p.num_q_heads / p.num_kv_heads;
   const int seq_first_row = p.seqs.query_start_loc[item.seq];
   const int query_len = p.seqs.query_start_loc[item.seq + 1] - seq_first_row;
@@ -544,6 +577,7 @@ void attend_item(const AttentionParams& p, const PrefillItem& item, MatrixUnit u
   }
   const Item it{p,
                 w,
+                plan,
                 unit,
                 p.head_size,
                 item.kv_head,
@@ -572,7 +606,7 @@ void attend_item(const AttentionParams& p, const PrefillItem& item, MatrixUnit u
     const int limit = start < clean_end ? clean_end : key_end;
     const int width = std::min(kMaxKeyTile, (limit - start + 31) / 32 * 32);
     while (w.position[first_row] < start) ++first_row;
-    attend_tile(it, start, width, first_row, key_side, value_side);
+    attend_tile(it, start, width, first_row, key_side, value_side, item.seq);
     start += width;
   }
   if (unit == MatrixUnit::kAmx) amx_end();
@@ -604,6 +638,32 @@ bool supported(const AttentionParams& p) {
   const int heads_per_kv = p.num_q_heads / p.num_kv_heads;
   return p.dtype == ElemType::kBFloat16 && p.head_size % 32 == 0 && p.head_size <= 256 && p.scale > 0.0f &&
          heads_per_kv <= kMaxItemRows;
+}
+
+// Sequences with more than one item per KV head share their whole packed tiles: those below
+// the window of the sequence's last position, which every item reading them reads whole.
+void share_packed_tiles(const AttentionParams& p, int tile_tokens, PrefillPlan& plan) {
+  SharedTiles& shared = plan.shared;
+  shared.first.assign(p.seqs.num_seqs, 0);
+  shared.count.assign(p.seqs.num_seqs, 0);
+  int total = 0;
+  for (int seq = 0; seq < p.seqs.num_seqs; ++seq) {
+    const int seq_len = p.seqs.seq_lens[seq];
+    const int query_len = p.seqs.query_start_loc[seq + 1] - p.seqs.query_start_loc[seq];
+    const int first_position = seq_len - query_len;
+    const bool several_items = (seq_len - 1) / tile_tokens > first_position / tile_tokens;
+    if (!plan.routes(seq) || !several_items) continue;
+    shared.first[seq] = total;
+    shared.count[seq] = window_start(seq_len - 1, p.block_size, p.format.residual_length) / kMaxKeyTile;
+    total += shared.count[seq] * p.num_kv_heads;
+  }
+  const bool split_keys = p.format.key_bits != kUnquantizedBits;
+  shared.tile_bytes = int64_t(kMaxKeyTile) * ((split_keys ? 2 : 1) * p.head_size + p.head_size) * 2;
+  thread_local std::vector<char> storage;  // the planning thread's, reused by its next calls
+  const size_t bytes = size_t(total) * shared.tile_bytes + 64;
+  if (storage.size() < bytes) storage.resize(bytes);
+  shared.data = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(storage.data()) + 63) / 64 * 64);
+  shared.state.reset(new std::atomic<uint8_t>[std::max(total, 1)]());
 }
 
 int min_prefill_rows() {
@@ -655,6 +715,7 @@ PrefillPlan plan_prefill(const AttentionParams& p, int num_threads) {
   }
   std::stable_sort(plan.items.begin(), plan.items.end(),
                    [](const PrefillItem& a, const PrefillItem& b) { return a.cost > b.cost; });
+  share_packed_tiles(p, tile_tokens, plan);
   return plan;
 }
 
@@ -662,7 +723,7 @@ void run_prefill_item(const AttentionParams& params, const PrefillPlan& plan, co
 #if defined(KVT_PREFILL_X86)
   const int rows = item.query_count * (params.num_q_heads / params.num_kv_heads);
   const Workspace w = thread_workspace((rows + kRowAlignment - 1) / kRowAlignment * kRowAlignment, params.head_size);
-  prefill::attend_item(params, item, plan.unit, w);
+  prefill::attend_item(params, plan, item, w);
 #else
   (void)params, (void)plan, (void)item;  // plan_prefill routes nothing without x86 matrix units
 #endif

@@ -14,8 +14,10 @@
 //   KVTUNER_PREFILL_MIN_ROWS  the routing threshold in query rows per KV head
 #pragma once
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "kernel_params.h"
@@ -41,10 +43,22 @@ struct PrefillItem {
   int64_t cost;  // rows x keys, for scheduling the largest items first
 };
 
+// Key tiles from the pages that several items of a sequence read (whole 128-position tiles
+// below every window): dequantized once, by the first item that needs one, into storage the
+// plan owns (per thread that plans, reused across calls).
+struct SharedTiles {
+  std::vector<int> first;   // per sequence: index of its first tile (KV head h: + h x count[seq])
+  std::vector<int> count;   // per sequence and KV head; 0: the sequence's items fill their own
+  int64_t tile_bytes = 0;   // bytes of one tile (keys then values, prefill_attention.cpp)
+  char* data = nullptr;
+  std::unique_ptr<std::atomic<uint8_t>[]> state;  // per tile: 0 empty, 1 being filled, 2 ready
+};
+
 struct PrefillPlan {
   MatrixUnit unit = MatrixUnit::kNone;
   std::vector<PrefillItem> items;  // sorted by decreasing cost
   std::vector<uint8_t> routed;     // per sequence: 1 when its rows are computed here
+  SharedTiles shared;
 
   bool routes(int seq) const { return !routed.empty() && routed[seq] != 0; }
 };
