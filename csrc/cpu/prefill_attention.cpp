@@ -102,9 +102,9 @@ namespace {
 constexpr int kMaxKeyTile = 128;   // must match prefill::kMaxKeyTile (prefill_matmul.h)
 constexpr int kMaxItemRows = 384;  // query rows per work item (tokens x query heads of a KV head)
 constexpr int kRowAlignment = 16;  // rows of one AMX tile
-// Rows whose scores and probabilities are computed at a time: their 24 KiB stay in L1 between
-// the matrix unit and the softmax.
-constexpr int kGroupRows = 384;
+// Rows whose scores and probabilities are computed at a time (the scores buffers' size). Per
+// group, the products skip the keys no row of the group reads from a source (diagonal tiles).
+constexpr int kGroupRows = 128;
 
 // The matrix operands are tiled (prefill_matmul.h); the shapes below are their logical ones.
 struct Workspace {
@@ -352,15 +352,17 @@ inline void softmax_row_masked(const Item& it, int r, int local, int key_begin, 
 
 // Scores with softcap: s -> cap * tanh(s * scale / cap), kept in raw units (divided by scale)
 // so that the softmax's scale applies as without a cap.
-inline void apply_softcap(const Item& it, float* scores, int rows, int width) {
+inline void apply_softcap(const Item& it, float* scores, int rows, KeyRange keys_range) {
   const float cap = it.p.softcap, scale = it.p.scale;
   for (int r = 0; r < rows; ++r) {
-    for (int n = 0; n < width; ++n) {
+    for (int n = keys_range.begin; n < keys_range.end; ++n) {
       float& s = scores[tiled(r, n / 16, kKeyBlocks, 16) + n % 16];
       s = cap * std::tanh(s * scale / cap) / scale;
     }
   }
 }
+
+inline int round_up32(int n) { return (n + 31) / 32 * 32; }
 
 inline void zero_rows(uint16_t* rows, int begin, int end, int pitch) {
   if (end > begin) std::memset(rows + int64_t(begin) * pitch, 0, size_t(end - begin) * pitch * 2);
@@ -420,22 +422,24 @@ void fill_full_tile(const Item& it, int start, int width, int begin, int end) {
 }
 
 // The group's scores against a key tile: rows [row_begin, row_begin + 16 x bands).
-void scores(const Item& it, const uint32_t* keys, int depth, int width, float* out, int row_begin, int bands) {
+void scores(const Item& it, const uint32_t* keys, int depth, KeyRange keys_range, float* out, int row_begin,
+            int bands) {
   const uint16_t* query = it.w.query + tiled(row_begin, 0, it.query_depth / 32, 32);
   if (it.unit == MatrixUnit::kAmx) {
-    amx_scores(query, it.query_depth, keys, depth, width, out, bands);
+    amx_scores(query, it.query_depth, keys, depth, keys_range, out, bands);
   } else {
-    dot_scores(query, it.query_depth, keys, depth, width, out, bands);
+    dot_scores(query, it.query_depth, keys, depth, keys_range, out, bands);
   }
-  if (it.p.softcap > 0.0f) apply_softcap(it, out, 16 * bands, width);
+  if (it.p.softcap > 0.0f) apply_softcap(it, out, 16 * bands, keys_range);
 }
 
-void accumulate(const Item& it, const uint16_t* probs, const uint32_t* values, int width, int row_begin, int bands) {
+void accumulate(const Item& it, const uint16_t* probs, const uint32_t* values, KeyRange keys_range, int row_begin,
+                int bands) {
   float* acc = it.w.acc + tiled(row_begin, 0, it.head_size / 16, 16);
   if (it.unit == MatrixUnit::kAmx) {
-    amx_accumulate(probs, values, it.head_size, width, acc, bands);
+    amx_accumulate(probs, values, it.head_size, keys_range, acc, bands);
   } else {
-    dot_accumulate(probs, values, it.head_size, width, acc, bands);
+    dot_accumulate(probs, values, it.head_size, keys_range, acc, bands);
   }
 }
 
@@ -502,8 +506,15 @@ void attend_tile(const Item& it, int start, int width, int first_row, const Plan
   if (has_full) fill_full_tile(it, start, width, t.full_begin, t.full_end);
   for (int group = t.row_begin; group < it.padded_rows; group += kGroupRows) {
     const int bands = std::min(kGroupRows, it.padded_rows - group) / 16;
-    if (has_packed) scores(it, packed.keys, it.packed_depth, width, w.scores_packed, group, bands);
-    if (has_full) scores(it, w.keys_full, it.head_size, width, w.scores_full, group, bands);
+    // Keys that some row of the group reads from each source (all of them in unmasked tiles).
+    const int last = group + 16 * bands - 1;
+    const KeyRange from_packed{0, round_up32(std::min(t.packed_end, w.window[last]) - start)};
+    const KeyRange from_full{std::max(0, w.window[group] - start) / 32 * 32,
+                             round_up32(std::min(t.full_end, w.position[last] + 1) - start)};
+    const bool read_packed = has_packed && from_packed.end > 0;
+    const bool read_full = has_full && from_full.end > from_full.begin;
+    if (read_packed) scores(it, packed.keys, it.packed_depth, from_packed, w.scores_packed, group, bands);
+    if (read_full) scores(it, w.keys_full, it.head_size, from_full, w.scores_full, group, bands);
     for (int local = 0; local < 16 * bands; ++local) {
       const int r = group + local;
       if (!t.masked) {
@@ -515,8 +526,8 @@ void attend_tile(const Item& it, int start, int width, int first_row, const Plan
                          has_full ? w.scores_full : nullptr, has_packed ? w.probs_packed : nullptr,
                          has_full ? w.probs_full : nullptr);
     }
-    if (has_packed) accumulate(it, w.probs_packed, packed.values, width, group, bands);
-    if (has_full) accumulate(it, w.probs_full, w.values_full, width, group, bands);
+    if (read_packed) accumulate(it, w.probs_packed, packed.values, from_packed, group, bands);
+    if (read_full) accumulate(it, w.probs_full, w.values_full, from_full, group, bands);
   }
 }
 

@@ -41,6 +41,11 @@ inline int64_t tiled(int r, int t, int tiles, int row) {
   return (int64_t(r >> 4) * tiles + t) * 16 * row + (r & 15) * row;
 }
 
+// Keys [begin, end) of a tile, multiples of 32: the columns of scores, the reduction of P.V.
+struct KeyRange {
+  int begin, end;
+};
+
 // ---------------------------------------------------------------------------------------
 // AMX: tmm0-3 accumulate (2 x 2 tiles), tmm4-5 hold left tiles, tmm6-7 right tiles, all 16
 // rows x 64 bytes. The asm statements clobber memory so that the compiler keeps tile stores
@@ -144,25 +149,29 @@ inline void amx_product(const uint8_t* a, const uint8_t* b, uint8_t* c, int step
 }
 
 // scores[r][n] = q[r] . k[n] over `depth` channels for `bands` x 16 rows (query and scores point
-// at their first band), keys n < width. The query buffer holds `query_depth` channels per row.
-inline void amx_scores(const uint16_t* query, int query_depth, const uint32_t* keys, int depth, int width,
+// at their first band), keys n in `keys_range`. The query buffer holds `query_depth` channels per row.
+inline void amx_scores(const uint16_t* query, int query_depth, const uint32_t* keys, int depth, KeyRange keys_range,
                        float* scores, int bands) {
   const int query_steps = query_depth / 32;
   const TileGrid g{int64_t(query_steps) * kTileBytes, kTileBytes, int64_t(kKeyBlocks) * kTileBytes,
                    int64_t(kKeyBlocks) * kTileBytes};
-  amx_product<false>(reinterpret_cast<const uint8_t*>(query), reinterpret_cast<const uint8_t*>(keys),
-                     reinterpret_cast<uint8_t*>(scores), depth / 32, width / 32, g, bands);
+  const int64_t skip = int64_t(keys_range.begin / 32) * 2 * kTileBytes;  // two 16-key tiles per 32 keys
+  amx_product<false>(reinterpret_cast<const uint8_t*>(query), reinterpret_cast<const uint8_t*>(keys) + skip,
+                     reinterpret_cast<uint8_t*>(scores) + skip, depth / 32, (keys_range.end - keys_range.begin) / 32,
+                     g, bands);
 }
 
-// acc[r][d] += sum_{n < width} probs[r][n] * v[n][d] for `bands` x 16 rows (probs and acc point at
-// their first band).
-inline void amx_accumulate(const uint16_t* probs, const uint32_t* values, int head_size, int width, float* acc,
-                           int bands) {
+// acc[r][d] += sum_{n in keys_range} probs[r][n] * v[n][d] for `bands` x 16 rows (probs and acc point
+// at their first band).
+inline void amx_accumulate(const uint16_t* probs, const uint32_t* values, int head_size, KeyRange keys_range,
+                           float* acc, int bands) {
   const int64_t channel_tiles = head_size / 16;
   const TileGrid g{int64_t(kProbBlocks) * kTileBytes, kTileBytes, channel_tiles * kTileBytes,
                    channel_tiles * kTileBytes};
-  amx_product<true>(reinterpret_cast<const uint8_t*>(probs), reinterpret_cast<const uint8_t*>(values),
-                    reinterpret_cast<uint8_t*>(acc), width / 32, head_size / 32, g, bands);
+  const int skip = keys_range.begin / 32;  // reduction steps
+  amx_product<true>(reinterpret_cast<const uint8_t*>(probs) + skip * g.left_step,
+                    reinterpret_cast<const uint8_t*>(values) + skip * g.right_step, reinterpret_cast<uint8_t*>(acc),
+                    (keys_range.end - keys_range.begin) / 32, head_size / 32, g, bands);
 }
 
 #undef KVT_TILE_LOAD
@@ -183,12 +192,13 @@ inline uint32_t left_pair(const uint16_t* buffer, int tiles, int r, int pair) {
   return word;
 }
 
-inline void dot_scores(const uint16_t* query, int query_depth, const uint32_t* keys, int depth, int width,
+inline void dot_scores(const uint16_t* query, int query_depth, const uint32_t* keys, int depth, KeyRange keys_range,
                        float* scores, int bands) {
   const int query_steps = query_depth / 32;
+  const int end_block = keys_range.end / 16;
   for (int r = 0; r < 16 * bands; r += 4) {
-    for (int block = 0; block < width / 16; block += 4) {  // 4 rows x 64 keys: 16 accumulators
-      const int vecs = width / 16 - block >= 4 ? 4 : width / 16 - block;
+    for (int block = keys_range.begin / 16; block < end_block; block += 4) {  // 4 rows x 64 keys: 16 accumulators
+      const int vecs = end_block - block >= 4 ? 4 : end_block - block;
       __m512 acc[4][4];
       for (int i = 0; i < 4; ++i)
         for (int v = 0; v < 4; ++v) acc[i][v] = _mm512_setzero_ps();
@@ -206,8 +216,8 @@ inline void dot_scores(const uint16_t* query, int query_depth, const uint32_t* k
   }
 }
 
-inline void dot_accumulate(const uint16_t* probs, const uint32_t* values, int head_size, int width, float* acc,
-                           int bands) {
+inline void dot_accumulate(const uint16_t* probs, const uint32_t* values, int head_size, KeyRange keys_range,
+                           float* acc, int bands) {
   const int channel_tiles = head_size / 16;
   for (int r = 0; r < 16 * bands; r += 4) {
     for (int block = 0; block < channel_tiles; block += 4) {  // 4 rows x 64 channels: 16 accumulators
@@ -215,7 +225,7 @@ inline void dot_accumulate(const uint16_t* probs, const uint32_t* values, int he
       __m512 sum[4][4];
       for (int i = 0; i < 4; ++i)
         for (int v = 0; v < vecs; ++v) sum[i][v] = _mm512_loadu_ps(acc + tiled(r + i, block + v, channel_tiles, 16));
-      for (int n = 0; n < width / 2; ++n) {
+      for (int n = keys_range.begin / 2; n < keys_range.end / 2; ++n) {
         __m512i vv[4];
         for (int v = 0; v < vecs; ++v) vv[v] = _mm512_loadu_si512(values + tiled(n, block + v, channel_tiles, 16));
         for (int i = 0; i < 4; ++i) {
