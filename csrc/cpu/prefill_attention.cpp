@@ -644,7 +644,7 @@ void attend_item(const AttentionParams& p, const PrefillPlan& plan, const Prefil
 namespace kvtuner::cpu {
 namespace {
 
-// What the kernel's tiles support; everything else stays on the generic kernel.
+// What the kernel's tiles support; everything else stays on the vector kernel.
 bool supported(const AttentionParams& p) {
   const int heads_per_kv = p.num_q_heads / p.num_kv_heads;
   return p.dtype == ElemType::kBFloat16 && p.head_size % 32 == 0 && p.head_size <= 256 && p.scale > 0.0f &&

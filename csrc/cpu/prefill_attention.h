@@ -7,7 +7,7 @@
 //
 // Routing: `plan_prefill` picks the sequences this kernel takes (model dtype bfloat16, a head
 // size and block size the tiles support, a CPU with AVX512-BF16, and at least
-// kMinPrefillRows query rows per KV head); the generic kernel (packed_kernels.h) keeps the
+// kMinPrefillRows query rows per KV head); the vector kernel (attention.h) keeps the
 // rest. Environment overrides, for tests and tuning:
 //   KVTUNER_PREFILL_ISA       "amx", "avx512_bf16" (dot products even where AMX exists) or
 //                             "off"; unset: the best the CPU has
@@ -32,7 +32,7 @@ enum class MatrixUnit : int { kNone, kAvx512Bf16, kAmx };
 MatrixUnit prefill_matrix_unit();
 
 // Query rows (query tokens x query heads of one KV head) from which a sequence is routed here:
-// below it the generic kernel's vector dot products cost less than filling the tiles.
+// below it the vector kernel's dot products cost less than filling the tiles.
 constexpr int kMinPrefillRows = 16;
 
 // One unit of parallel work: query tokens [query_begin, query_begin + query_count) of one

@@ -33,15 +33,16 @@ def error_bound(x: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
 
     With exact scale s = (hi - lo) / qmax and zero lo, rounding to the nearest code costs at
     most s_h / 2. Rounding the zero to fp16 moves it by <= 2^-11 |lo| (+ half the smallest
-    subnormal); codes of values below it clamp to 0. Rounding the scale moves the top code
-    qmax * s_h away from the range by <= 2^-11 (hi - lo); values beyond it clamp to qmax.
+    subnormal); codes of values below it clamp to 0. Rounding the scale moves it by <= 2^-11 s,
+    or by half the fp16 subnormal spacing (2^-25) when s is subnormal, so the top code qmax * s_h
+    lies within 2^-11 (hi - lo) + qmax 2^-25 of the range; values beyond it clamp to qmax.
     Both shifts add to the half step; fp32 arithmetic adds a few ulps of max |x|.
     """
     groups = x.float().unflatten(-1, (-1, group_size))
     lo, hi = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
     scale_h = ((hi - lo) / (2**bits - 1)).to(torch.float16).float()
     zero_shift = FP16_HALF_ULP * lo.abs() + FP16_MIN_SUBNORMAL
-    scale_shift = FP16_HALF_ULP * (hi - lo)
+    scale_shift = FP16_HALF_ULP * (hi - lo) + (2**bits - 1) * FP16_MIN_SUBNORMAL / 2
     fp32_noise = 4 * 2.0**-24 * groups.abs().amax(-1, keepdim=True)
     return (scale_h / 2 + zero_shift + scale_shift + fp32_noise).expand_as(groups).flatten(-2)
 
@@ -50,7 +51,8 @@ def error_bound(x: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
 @pytest.mark.parametrize("bits", QUANT_BITS)
 @pytest.mark.parametrize("magnitude", [1e-3, 1.0, 300.0])
 def test_error_within_half_a_step(bits, group_size, magnitude):
-    x = torch.randn(64, 128) * magnitude + torch.randn(64, 1) * magnitude
+    generator = torch.Generator().manual_seed(bits * group_size)
+    x = (torch.randn(256, 128, generator=generator) + torch.randn(256, 1, generator=generator)) * magnitude
     x_hat = kvformat.fake_quantize(x, bits, group_size)
     assert ((x_hat - x).abs() <= error_bound(x, bits, group_size)).all()
 
@@ -133,3 +135,78 @@ def test_invalid_formats_are_rejected(head_size, group_size, message):
         kvformat.LayerFormat(4, 4, head_size, group_size)
     with pytest.raises(ValueError, match="unsupported bit width"):
         kvformat.LayerFormat(3, 4, 64, 64)
+
+
+@pytest.mark.parametrize(
+    "position,block_size,window,expected",
+    [(0, 16, 0, 1), (37, 16, 0, 38), (37, 16, 4, 34), (33, 16, 4, 32), (32, 16, 4, 32), (37, 16, 16, 32),
+     (47, 16, 16, 32), (47, 64, 16, 32), (100, 128, 128, 0)],
+)
+def test_window_start(position, block_size, window, expected):
+    """w0(p) = max(block start, p - R + 1): the window never leaves p's block; R = 0 reads nothing in it."""
+    assert int(kvformat.window_start(torch.tensor(position), block_size, window)) == expected
+
+
+def test_kivi_key_params_per_token_group():
+    """Kivi keys store D (scale, zero) pairs per G_t tokens: 4 D / G_t bytes per token."""
+    fmt = kvformat.LayerFormat(4, 2, 64, 32, scheme=kvformat.KIVI, key_group_size=16, residual_length=16)
+    assert (fmt.key_code_bytes, fmt.key_param_bytes, fmt.value_code_bytes, fmt.value_param_bytes) == (32, 16, 16, 8)
+    assert fmt.window_bytes == 16 * 2 * 64 * 2
+    assert fmt.ring_shape(5, 3) == (5, 3, 16, 128)
+    unquantized = kvformat.LayerFormat(16, 16, 64, 64, residual_length=16)
+    assert unquantized.window == 0 and unquantized.window_bytes == 0  # nothing differs in a window
+
+
+@pytest.mark.parametrize(
+    "scheme,key_group_size,residual_length,message",
+    [("kivi", 0, 16, "needs key_group_size"), ("kivi", 32, 16, "residual_length >= key_group_size"),
+     ("per-token-group", 16, 16, "kivi scheme only"), ("per-token-group", 0, 300, "must lie in"),
+     ("other", 0, 0, "unknown scheme")],
+)
+def test_invalid_windows_are_rejected(scheme, key_group_size, residual_length, message):
+    with pytest.raises(ValueError, match=message):
+        kvformat.LayerFormat(4, 4, 64, 64, scheme=scheme, key_group_size=key_group_size,
+                             residual_length=residual_length)
+
+
+def test_block_size_rules():
+    fmt = kvformat.LayerFormat(4, 4, 64, 64, scheme=kvformat.KIVI, key_group_size=32, residual_length=48)
+    kvformat.check_block_size(fmt, 96)
+    with pytest.raises(ValueError, match="exceeds the block size"):
+        kvformat.check_block_size(fmt, 32)
+    with pytest.raises(ValueError, match="does not divide the block size"):
+        kvformat.check_block_size(fmt, 80)
+
+
+@pytest.mark.parametrize("window,key_group_size", [(0, 0), (6, 0), (16, 16)])
+def test_reference_steps_match_simulated_attention(window, key_group_size):
+    """The reference ops run step by step (write, attend, write the ring) compute simulated_attention."""
+    scheme = kvformat.KIVI if key_group_size else kvformat.PER_TOKEN
+    fmt = kvformat.LayerFormat(4, 2, 64, 32, torch.float32, scheme=scheme, key_group_size=key_group_size,
+                               residual_length=window)
+    block_size, length, chunks = 16, 70, [5, 20, 1, 1, 30, 13]
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(length, 4, 64, generator=generator)
+    key = torch.randn(length, 2, 64, generator=generator) + 3 * torch.randn(2, 64, generator=generator)
+    value = torch.randn(length, 2, 64, generator=generator)
+    cache = torch.zeros(fmt.cache_shape(5, 2, block_size), dtype=torch.uint8)
+    ring = torch.zeros(fmt.ring_shape(1, 2)) if fmt.has_window else None
+    ring_ids = torch.zeros(1, dtype=torch.int32) if fmt.has_window else None
+    block_table = torch.tensor([[4, 2, 0, 1, 3]], dtype=torch.int32)
+    out, done = [], 0
+    for rows in chunks:
+        step = slice(done, done + rows)
+        positions = torch.arange(done, done + rows)
+        slots = block_table[0, positions // block_size].long() * block_size + positions % block_size
+        seqs = {"query_start_loc": torch.tensor([0, rows], dtype=torch.int32),
+                "seq_lens": torch.tensor([done + rows], dtype=torch.int32)}
+        kvformat.quantize_and_cache_ref(key[step], value[step], cache, slots, fmt, ring_cache=ring,
+                                        ring_block_ids=ring_ids, **seqs)
+        out.append(kvformat.paged_attention_ref(query[step], key[step], value[step], cache, block_table,
+                                                scale=0.125, fmt=fmt, ring_cache=ring, ring_block_ids=ring_ids, **seqs))
+        if ring is not None:
+            kvformat.write_window_ref(key[step], value[step], ring, ring_ids, fmt=fmt, **seqs)
+        done += rows
+    expected = kvformat.simulated_attention(query.transpose(0, 1)[None], key.transpose(0, 1)[None],
+                                            value.transpose(0, 1)[None], fmt, block_size, 0.125)[0].transpose(0, 1)
+    torch.testing.assert_close(torch.cat(out), expected, atol=2e-5, rtol=2e-5)

@@ -1,5 +1,5 @@
-"""paged_attention against format.paged_attention_ref (same dequantized cache, tight tolerance)
-and against unquantized fp32 attention (within the error the quantization can cause)."""
+"""paged_attention against format.paged_attention_ref (same packed, ring and fresh inputs, tight
+tolerance) and against unquantized fp32 attention (within the error the quantization can cause)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,15 @@ import math
 
 import pytest
 import torch
-from kernel_cases import ATTENTION_BIT_PAIRS, DEVICES, TOLERANCE, PagedBatch, make_batch, reference_attention
+from kernel_cases import (
+    ATTENTION_BIT_PAIRS,
+    DEVICES,
+    TOLERANCE,
+    PagedBatch,
+    layer_format,
+    make_batch,
+    reference_attention,
+)
 
 from kvtuner_vllm import format as kvformat
 from kvtuner_vllm import ops
@@ -16,38 +24,48 @@ from kvtuner_vllm import ops
 RAGGED_SEQ_LENS = [1, 54, 97, 16, 17, 128, 129, 300, 2, 33, 64, 250, 5, 111, 200, 31, 77]
 
 
-def run_op(batch: PagedBatch, device: str, sliding_window=None, softcap=None, scale=None) -> torch.Tensor:
+def run_op(batch: PagedBatch, device: str, softcap=None, scale=None, workspace=None, padding=0) -> torch.Tensor:
+    """The op's output rows of the batch's sequences; `padding` extra rows past them (as vLLM pads
+    the token dimension) must stay untouched."""
     batch = batch.to(device)
     scale = scale if scale is not None else batch.fmt.head_size**-0.5
-    out = torch.full_like(batch.query, float("nan"))
-    ops.paged_attention(out, batch.query, batch.kv_cache, batch.block_table, batch.seq_lens,
+
+    def padded(rows: torch.Tensor) -> torch.Tensor:
+        return torch.cat([rows, torch.randn(padding, *rows.shape[1:], device=device).to(rows.dtype)])
+
+    query, key, value = padded(batch.query), padded(batch.key), padded(batch.value)
+    out = torch.full_like(query, float("nan"))
+    ops.paged_attention(out, query, key, value, batch.kv_cache, batch.block_table, batch.seq_lens,
                         batch.query_start_loc, batch.max_query_len, batch.max_seq_len, scale, batch.fmt,
-                        sliding_window, softcap)
-    return out.cpu()
+                        batch.ring_cache, batch.ring_block_ids, softcap, workspace)
+    assert out[len(batch.query) :].isnan().all(), "rows past the last sequence were written"
+    return out[: len(batch.query)].cpu()
 
 
-def check_against_reference(batch: PagedBatch, device: str, sliding_window=None, softcap=None) -> None:
-    scale = batch.fmt.head_size**-0.5
-    expected = reference_attention(batch, scale, sliding_window, softcap)
-    actual = run_op(batch, device, sliding_window, softcap)
+def check_against_reference(batch: PagedBatch, device: str, softcap=None, **kwargs) -> None:
+    expected = reference_attention(batch, batch.fmt.head_size**-0.5, softcap)
+    actual = run_op(batch, device, softcap, **kwargs)
     torch.testing.assert_close(actual.float(), expected.float(), **TOLERANCE[batch.fmt.dtype])
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("window", [0, 5, "block"])
 @pytest.mark.parametrize("block_size", [16, 128])
 @pytest.mark.parametrize("key_bits,value_bits", ATTENTION_BIT_PAIRS)
-def test_decode_ragged_batch(key_bits, value_bits, block_size, device):
-    fmt = kvformat.LayerFormat(key_bits, value_bits, 128, 64, torch.bfloat16)
+def test_decode_ragged_batch(key_bits, value_bits, block_size, window, device):
+    window = block_size if window == "block" else window
+    fmt = layer_format(key_bits, value_bits, 128, 64, torch.bfloat16, window=window)
     batch = make_batch(fmt, RAGGED_SEQ_LENS, [1] * len(RAGGED_SEQ_LENS), num_q_heads=8, num_kv_heads=2,
                        block_size=block_size)
-    check_against_reference(batch, device)
+    check_against_reference(batch, device, padding=3)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("key_bits,value_bits,block_size", [(4, 4, 128), (8, 4, 16), (16, 16, 128)])
-def test_long_context(key_bits, value_bits, block_size, device):
+@pytest.mark.parametrize("key_bits,value_bits,block_size,window", [(4, 4, 128, 0), (8, 4, 16, 16), (2, 4, 128, 32),
+                                                                   (16, 16, 128, 0)])
+def test_long_context(key_bits, value_bits, block_size, window, device):
     """A 2048-token sequence among short ones: its keys are split into partitions and merged."""
-    fmt = kvformat.LayerFormat(key_bits, value_bits, 128, 64, torch.bfloat16)
+    fmt = layer_format(key_bits, value_bits, 128, 64, torch.bfloat16, window=window)
     seq_lens, query_lens = [2048, 1, 97, 54, 1000], [1, 1, 1, 20, 3]
     batch = make_batch(fmt, seq_lens, query_lens, num_q_heads=4, num_kv_heads=1, block_size=block_size)
     check_against_reference(batch, device)
@@ -55,66 +73,92 @@ def test_long_context(key_bits, value_bits, block_size, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", list(kvformat.SUPPORTED_DTYPES), ids=str)
+@pytest.mark.parametrize("scheme", ["per-token", "kivi"])
 @pytest.mark.parametrize(
     "seq_lens,query_lens",
     [
-        ([97, 300, 54], [97, 300, 54]),  # prefill
+        ([97, 300, 54], [97, 300, 54]),  # prefill (300: a long-query sequence)
         ([97, 300, 54], [40, 33, 1]),  # chunked prefill / prefix hit next to a decode
-        ([130, 1, 17, 64], [1, 1, 17, 2]),  # decode, a 1-token prompt, a prefill, a 2-token spec step
+        ([130, 1, 17, 64, 200], [1, 1, 17, 2, 0]),  # decode, 1-token prompt, prefill, 2-token spec step, idle
     ],
     ids=["prefill", "chunked", "mixed"],
 )
-def test_prefill_and_chunked(seq_lens, query_lens, dtype, device):
-    fmt = kvformat.LayerFormat(4, 2, 128, 32, dtype)
-    batch = make_batch(fmt, seq_lens, query_lens, num_q_heads=4, num_kv_heads=2, block_size=16)
+def test_prefill_and_chunked(seq_lens, query_lens, scheme, dtype, device):
+    key_group_size = 16 if scheme == "kivi" else 0
+    fmt = layer_format(4, 2, 128, 32, dtype, window=24, key_group_size=key_group_size)
+    batch = make_batch(fmt, seq_lens, query_lens, num_q_heads=4, num_kv_heads=2, block_size=32)
     check_against_reference(batch, device)
 
 
-SHAPES = [(d, g) for d in (64, 128, 256) for g in (32, 64, 128) if d % g == 0] + [(80, 80), (96, 32)]
+SHAPES = [(d, g) for d in (64, 128, 256) for g in (32, 64, 128) if d % g == 0] + [(80, 80), (96, 32), (96, 96)]
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("head_size,group_size", SHAPES)
 def test_head_and_group_sizes(head_size, group_size, device):
-    fmt = kvformat.LayerFormat(8, 4, head_size, group_size, torch.float16)
-    batch = make_batch(fmt, [70, 200, 9], [1, 30, 9], num_q_heads=4, num_kv_heads=2, block_size=16)
-    check_against_reference(batch, device)
+    for key_bits, value_bits, key_group_size in [(8, 4, 0), (2, 4, 16), (4, 2, 32)]:
+        fmt = layer_format(key_bits, value_bits, head_size, group_size, torch.float16, window=32,
+                           key_group_size=key_group_size)
+        batch = make_batch(fmt, [70, 200, 9], [1, 30, 9], num_q_heads=4, num_kv_heads=2, block_size=32)
+        check_against_reference(batch, device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("num_q_heads,num_kv_heads", [(4, 4), (8, 2), (16, 2), (8, 1), (40, 8), (64, 1)])
+@pytest.mark.parametrize("num_q_heads,num_kv_heads", [(4, 4), (9, 3), (8, 2), (16, 2), (8, 1), (40, 8), (64, 1)])
 def test_gqa_ratios(num_q_heads, num_kv_heads, device):
-    fmt = kvformat.LayerFormat(4, 4, 64, 32, torch.bfloat16)
+    fmt = layer_format(4, 4, 64, 32, torch.bfloat16, window=7)
     batch = make_batch(fmt, [150, 33, 1], [1, 12, 1], num_q_heads, num_kv_heads, block_size=32)
     check_against_reference(batch, device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("sliding_window,softcap", [(32, None), (None, 30.0), (100, 50.0), (1, None)])
-def test_sliding_window_and_softcap(sliding_window, softcap, device):
-    fmt = kvformat.LayerFormat(8, 2, 128, 64, torch.float32)
-    batch = make_batch(fmt, [300, 64, 1000, 5], [1, 64, 50, 2], num_q_heads=4, num_kv_heads=2, block_size=16)
-    check_against_reference(batch, device, sliding_window, softcap)
+@pytest.mark.parametrize("key_group_size", [16, 32, 64])
+@pytest.mark.parametrize("window_over_group", [1, 2])
+def test_kivi_key_groups(key_group_size, window_over_group, device):
+    """Steps that start and end inside key groups, with the window at or above the group."""
+    fmt = layer_format(2, 4, 64, 32, torch.float32, window=key_group_size * window_over_group,
+                       key_group_size=key_group_size)
+    seq_lens, query_lens = [300, 130, 77, 64, 200, 129], [1, 40, 77, 3, 70, 1]
+    batch = make_batch(fmt, seq_lens, query_lens, num_q_heads=6, num_kv_heads=2, block_size=128)
+    check_against_reference(batch, device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_strided_query_and_out(device):
-    """query and out as [T, Hq, D] views with a token stride larger than Hq * D (fused qkv)."""
-    fmt = kvformat.LayerFormat(4, 8, 64, 64, torch.bfloat16)
+@pytest.mark.parametrize("window,softcap", [(0, 30.0), (16, 50.0), (1, 5.0)])
+def test_softcap(window, softcap, device):
+    fmt = layer_format(8, 2, 128, 64, torch.float32, window=window)
+    batch = make_batch(fmt, [300, 64, 1000, 5], [1, 64, 50, 2], num_q_heads=4, num_kv_heads=2, block_size=16)
+    check_against_reference(batch, device, softcap)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_workspace(device):
+    """A large enough workspace holds the split-key partials; a small one is ignored."""
+    fmt = layer_format(4, 4, 64, 32, torch.float32, window=16)
+    batch = make_batch(fmt, [3000, 5], [1, 1], num_q_heads=4, num_kv_heads=2, block_size=16)
+    for floats in (1 << 20, 3):
+        workspace = torch.full((floats,), float("nan"), device=device)
+        check_against_reference(batch, device, workspace=workspace)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_strided_inputs_and_out(device):
+    """query/key/value as views of a fused qkv projection and out as a view with a larger token stride."""
+    fmt = layer_format(4, 8, 64, 64, torch.bfloat16, window=16)
     batch = make_batch(fmt, [40, 90], [3, 1], num_q_heads=4, num_kv_heads=2, block_size=16)
     expected = reference_attention(batch, 0.125)
-    fused = torch.randn(4, 4 + 2 * 2, 64, dtype=torch.bfloat16, device=device)
-    fused[:, :4] = batch.query.to(device)
+    qkv = torch.randn(4, 4 + 2 + 2, 64, device=device).to(torch.bfloat16)
+    qkv[:, :4], qkv[:, 4:6], qkv[:, 6:] = batch.query.to(device), batch.key.to(device), batch.value.to(device)
     out_storage = torch.zeros(4, 6, 64, dtype=torch.bfloat16, device=device)
-    on_device = batch.to(device)
-    ops.paged_attention(out_storage[:, 1:5], fused[:, :4], on_device.kv_cache, on_device.block_table,
-                        on_device.seq_lens, on_device.query_start_loc, 3, 90, 0.125, fmt)
+    b = batch.to(device)
+    ops.paged_attention(out_storage[:, 1:5], qkv[:, :4], qkv[:, 4:6], qkv[:, 6:], b.kv_cache, b.block_table,
+                        b.seq_lens, b.query_start_loc, 3, 90, 0.125, fmt, b.ring_cache, b.ring_block_ids)
     torch.testing.assert_close(out_storage[:, 1:5].cpu().float(), expected.float(), **TOLERANCE[torch.bfloat16])
     assert out_storage[:, [0, 5]].abs().sum() == 0  # nothing written outside the view
 
 
 def unquantized_attention(batch: PagedBatch, scale: float) -> torch.Tensor:
-    """Causal attention in fp32 over the K/V as given to the writer (no quantization)."""
+    """Causal attention in fp32 over the K/V as given to the writers (no quantization)."""
     num_q_heads, num_kv_heads = batch.query.shape[1], batch.keys[0].shape[1]
     out = torch.empty(batch.query.shape)
     for seq, (key, value) in enumerate(zip(batch.keys, batch.values, strict=True)):
@@ -136,9 +180,9 @@ def quantization_error_bound(batch: PagedBatch, scale: float) -> torch.Tensor:
       o^ - o = sum_j p^_j (v^_j - v_j) + sum_j (p^_j - p_j)(v_j - c)   for any constant c,
     so |o^ - o| <= max_j |v^_j - v_j| + ||p^ - p||_1 * max_j |v_j - c|. Each p^_j / p_j lies
     in [e^-2eps, e^2eps], hence ||p^ - p||_1 <= min(2, e^(2 eps) - 1); c = the channel's
-    mid-range makes max_j |v_j - c| half its range. eps = scale * max_j |q . (k^_j - k_j)| is
-    measured per query row from the dequantized keys. 16-bit keys give eps = 0: the bound is
-    then exactly the value quantization error.
+    mid-range makes max_j |v_j - c| half its range. The maxima run over the keys the query
+    reads from the packed pages (j < w0(p)); window keys are exact, so they add nothing.
+    eps = scale * max_j |q . (k^_j - k_j)| is measured per query row from the dequantized keys.
     """
     num_q_heads, num_kv_heads = batch.query.shape[1], batch.keys[0].shape[1]
     group = num_q_heads // num_kv_heads
@@ -148,22 +192,28 @@ def quantization_error_bound(batch: PagedBatch, scale: float) -> torch.Tensor:
         length = key.shape[0]
         key_hat, value_hat = kvformat.read_cache_ref(batch.kv_cache, batch.block_table[seq], length, batch.fmt)
         key_error = (key_hat - key.float().transpose(0, 1)).repeat_interleave(group, 0)  # [Hq, L, D]
-        value_error = (value_hat - value.float().transpose(0, 1)).abs().amax(1).repeat_interleave(group, 0)
+        value_error = (value_hat - value.float().transpose(0, 1)).abs().repeat_interleave(group, 0)  # [Hq, L, D]
         value_range = value.float().amax(0) - value.float().amin(0)  # [Hkv, D]
-        q = batch.query[start:end].float().transpose(0, 1)  # [Hq, q_len, D]
-        eps = (q @ key_error.transpose(1, 2)).abs().amax(-1) * scale  # [Hq, q_len]; over all keys: an upper bound
-        spread = torch.clamp(torch.expm1(2 * eps), max=2.0)
         half_range = value_range.repeat_interleave(group, 0) / 2  # [Hq, D]
-        per_row = value_error.unsqueeze(1) + spread.unsqueeze(-1) * half_range.unsqueeze(1)
+        positions = torch.arange(length - (end - start), length)
+        packed = torch.arange(length) < kvformat.window_start(positions, batch.block_size, batch.fmt.window)[:, None]
+        q = batch.query[start:end].float().transpose(0, 1)  # [Hq, q_len, D]
+        score_error = (q @ key_error.transpose(1, 2)).abs() * scale  # [Hq, q_len, L]
+        eps = score_error.masked_fill(~packed, 0).amax(-1)  # [Hq, q_len]
+        spread = torch.clamp(torch.expm1(2 * eps), max=2.0)
+        worst_value = torch.stack([value_error[:, row_packed].amax(1) if row_packed.any()
+                                   else torch.zeros_like(half_range) for row_packed in packed], 1)  # [Hq, q_len, D]
+        per_row = worst_value + spread.unsqueeze(-1) * half_range.unsqueeze(1)
         bound[start:end] = per_row.transpose(0, 1)
     return bound
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("window,key_group_size", [(0, 0), (16, 0), (16, 16)])
 @pytest.mark.parametrize("key_bits,value_bits", ATTENTION_BIT_PAIRS)
-def test_close_to_unquantized_attention(key_bits, value_bits, device):
-    fmt = kvformat.LayerFormat(key_bits, value_bits, 64, 32, torch.float32)
-    batch = make_batch(fmt, [200, 31, 64], [1, 31, 4], num_q_heads=4, num_kv_heads=2, block_size=16, seed=3)
+def test_close_to_unquantized_attention(key_bits, value_bits, window, key_group_size, device):
+    fmt = layer_format(key_bits, value_bits, 64, 32, torch.float32, window=window, key_group_size=key_group_size)
+    batch = make_batch(fmt, [200, 31, 64], [1, 31, 4], num_q_heads=4, num_kv_heads=2, block_size=32, seed=3)
     scale = 64**-0.5
     error = (run_op(batch, device) - unquantized_attention(batch, scale)).abs()
     slack = 1e-5  # fp32 arithmetic of the two computations
@@ -172,28 +222,60 @@ def test_close_to_unquantized_attention(key_bits, value_bits, device):
         assert error.max() <= slack
 
 
-def test_rejects_bad_arguments():
-    fmt = kvformat.LayerFormat(4, 4, 64, 64, torch.bfloat16)
-    batch = make_batch(fmt, [10], [1], num_q_heads=3, num_kv_heads=1, block_size=16)
-    out = torch.empty_like(batch.query)
-    args = (batch.block_table, batch.seq_lens, batch.query_start_loc, 1, 10, 0.125)
+def raw_call(batch: PagedBatch, **overrides):
+    """torch.ops.kvtuner.paged_attention with the batch's arguments, some replaced."""
+    fmt = batch.fmt
+    args = dict(out=torch.empty_like(batch.query), query=batch.query, key=batch.key, value=batch.value,
+                kv_cache=batch.kv_cache, ring_cache=batch.ring_cache, ring_block_ids=batch.ring_block_ids,
+                block_table=batch.block_table, seq_lens=batch.seq_lens, query_start_loc=batch.query_start_loc,
+                max_query_len=batch.max_query_len, max_seq_len=batch.max_seq_len, scale=0.125,
+                key_bits=fmt.key_bits, value_bits=fmt.value_bits, group_size=fmt.group_size,
+                key_group_size=fmt.kernel_key_group_size, residual_length=fmt.window, softcap=0.0, workspace=None)
+    args.update(overrides)
     ops.load_kernels()
+    torch.ops.kvtuner.paged_attention(*args.values())
+
+
+def test_rejects_bad_arguments():
+    fmt = layer_format(4, 4, 64, 64, torch.bfloat16, window=8)
+    batch = make_batch(fmt, [10, 40], [1, 3], num_q_heads=3, num_kv_heads=1, block_size=16)
     with pytest.raises(RuntimeError, match="bytes per token"):
-        torch.ops.kvtuner.paged_attention(out, batch.query, batch.kv_cache, *args, 8, 4, 64, 0, 0.0)
+        raw_call(batch, key_bits=8)
     with pytest.raises(RuntimeError, match="must be a multiple of KV heads"):
-        torch.ops.kvtuner.paged_attention(out, batch.query, batch.kv_cache[:, [0, 0]], *args, 4, 4, 64, 0, 0.0)
+        raw_call(batch, kv_cache=batch.kv_cache[:, [0, 0]], key=batch.key[:, [0, 0]], value=batch.value[:, [0, 0]])
     with pytest.raises(RuntimeError, match="block_table must be int32"):
-        torch.ops.kvtuner.paged_attention(out, batch.query, batch.kv_cache, batch.block_table.long(),
-                                          *args[1:], 4, 4, 64, 0, 0.0)
+        raw_call(batch, block_table=batch.block_table.long())
+    with pytest.raises(RuntimeError, match="needs ring_cache and ring_block_ids"):
+        raw_call(batch, ring_cache=None)
+
+
+def test_rejects_out_of_bounds_indices():
+    fmt = layer_format(4, 4, 64, 64, torch.bfloat16, window=8)
+    batch = make_batch(fmt, [10, 40], [1, 3], num_q_heads=3, num_kv_heads=1, block_size=16)
+    num_blocks = batch.kv_cache.shape[0]
+    bad_table = batch.block_table.clone()
+    bad_table[1, 2] = num_blocks
+    with pytest.raises(RuntimeError, match=r"block_table\[1, 2\] = .* outside the cache"):
+        raw_call(batch, block_table=bad_table)
+    with pytest.raises(RuntimeError, match="needs 3 blocks, the block table has 2"):
+        raw_call(batch, block_table=batch.block_table[:, :2].contiguous())
+    with pytest.raises(RuntimeError, match="query_len must be <= seq_len"):
+        raw_call(batch, seq_lens=torch.tensor([10, 2], dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="query_start_loc ends at 4 but query has only 3 rows"):
+        raw_call(batch, query=batch.query[:3], out=torch.empty_like(batch.query[:3]))
+    with pytest.raises(RuntimeError, match="query_start_loc must not decrease"):
+        raw_call(batch, query_start_loc=torch.tensor([0, 3, 1], dtype=torch.int32))
+    with pytest.raises(RuntimeError, match=r"ring_block_ids\[0\] = -1 lies outside"):
+        raw_call(batch, ring_block_ids=torch.tensor([-1, 0], dtype=torch.int32))
 
 
 def test_opcheck():
-    fmt = kvformat.LayerFormat(8, 4, 64, 32, torch.bfloat16)
+    fmt = layer_format(8, 4, 64, 32, torch.bfloat16, window=16, key_group_size=16)
     batch = make_batch(fmt, [40, 7], [2, 7], num_q_heads=4, num_kv_heads=2, block_size=16)
     ops.load_kernels()
-    out = torch.empty_like(batch.query)
     torch.library.opcheck(
         torch.ops.kvtuner.paged_attention.default,
-        (out, batch.query, batch.kv_cache, batch.block_table, batch.seq_lens, batch.query_start_loc,
-         7, 40, 0.125, 8, 4, 32, 0, 0.0),
+        (torch.empty_like(batch.query), batch.query, batch.key, batch.value, batch.kv_cache, batch.ring_cache,
+         batch.ring_block_ids, batch.block_table, batch.seq_lens, batch.query_start_loc, 7, 40, 0.125, 8, 4, 32, 16,
+         16, 0.0, torch.empty(4096)),
     )

@@ -167,14 +167,14 @@ def test_long_prompts_on_one_thread(unit):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
-def test_other_dtypes_stay_on_the_generic_kernel(dtype, unit):
+def test_other_dtypes_stay_on_the_vector_kernel(dtype, unit):
     """The route takes bfloat16 models only: fp32 must keep fp32 accuracy, which bf16 operands would lose."""
     fmt = kvformat.LayerFormat(4, 4, 64, 32, dtype)
     check_step(fmt, [(130, 130), (60, 20)], num_q_heads=4, num_kv_heads=2, block_size=16)
 
 
 def test_default_routing_mixes_both_kernels():
-    """Without overrides: decodes stay on the generic kernel, the prompt takes the route (where the CPU
+    """Without overrides: decodes stay on the vector kernel, the prompt takes the route (where the CPU
     has a unit), in one batch."""
     fmt = kvformat.LayerFormat(4, 4, 64, 32, torch.bfloat16)
     check_step(fmt, [(1, 1), (300, 1), (400, 400), (90, 1), (200, 40)], num_q_heads=9, num_kv_heads=3,

@@ -1,20 +1,14 @@
-// CPU kernels for the packed KV format (kvtuner_vllm/format.py), free of torch headers.
-// launchers.cpp checks arguments, fills the structs below and runs the kernels in parallel.
+// Scalar conversions between the model dtypes and fp32 for the CPU kernels, torch-free.
 #pragma once
 
 #include <cstdint>
 #include <cstring>
-#include <vector>
 
-#include "kernel_params.h"
+#include "packed_format.h"
 
 namespace kvtuner::cpu {
 
-// The model dtype: query, output, key/value inputs and the raw payload of 16-bit planes.
 using ::kvtuner::ElemType;
-using ::kvtuner::AttentionParams;
-using ::kvtuner::CacheWriteParams;
-using ::kvtuner::WindowWriteParams;
 
 inline int elem_size(ElemType type) { return type == ElemType::kFloat32 ? 4 : 2; }
 
@@ -77,49 +71,5 @@ inline uint16_t float_to_bf16(float value) {
   if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
   return uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
-
-// ---------------------------------------------------------------------------------------
-// quantize_and_cache
-// ---------------------------------------------------------------------------------------
-
-// Quantizes and stores key and value of tokens [begin, end) (all heads); slot < 0 skipped.
-void write_tokens(const CacheWriteParams& problem, int64_t begin, int64_t end);
-
-// ---------------------------------------------------------------------------------------
-// paged_attention
-// ---------------------------------------------------------------------------------------
-
-// One unit of parallel work: a tile of consecutive query tokens of one sequence, all the
-// query heads of one KV head, over keys [key_begin, key_end). An item whose key range is
-// one partition of a longer range writes a partial result (running max, sum and unscaled
-// accumulator per row) that `reduce_partitions` merges.
-struct WorkItem {
-  int seq, kv_head, query_begin, query_count;  // query_begin: index within the sequence's queries
-  int key_begin, key_end;
-  int64_t partial_offset;  // row offset into the partial buffer; -1: write the output directly
-  int64_t cost;            // rough work, for scheduling the largest items first
-};
-
-// Items whose partitions must be merged: `num_partitions` consecutive partial slots.
-struct ReduceItem {
-  int seq, kv_head, query_begin, query_count, num_partitions;
-  int64_t partial_offset;
-};
-
-struct AttentionPlan {
-  std::vector<WorkItem> items;  // sorted by decreasing cost
-  std::vector<ReduceItem> reductions;
-  int64_t partial_rows = 0;  // rows of (head_size + 2) floats the partial buffer needs
-};
-
-AttentionPlan plan_attention(const AttentionParams& problem, int num_threads);
-
-// Runs one work item; `partial` is the partial buffer (may be null when no item needs it).
-void run_work_item(const AttentionParams& problem, const WorkItem& item, float* partial);
-
-void reduce_partitions(const AttentionParams& problem, const ReduceItem& item, const float* partial);
-
-// write_window for one sequence: its last min(R, rows) rows into its ring.
-void write_window_sequence(const WindowWriteParams& params, int seq);
 
 }  // namespace kvtuner::cpu
