@@ -10,11 +10,12 @@
 //      step's first position, the step's own key/value rows from it on), zeros elsewhere;
 //   b. computes S = Q.K^T against each tile it filled, on the matrix unit;
 //   c. picks per row and key the score the v2 rule reads (j < w0(p): packed, w0(p) <= j <= p:
-//      full precision, else masked), updates the row's online softmax (running max and sum,
-//      accumulator rescaled when the max grows) and splits the bf16 probabilities by source;
+//      full precision, else masked), updates the row's online softmax (see raise_max) and splits
+//      the bf16 probabilities by source;
 //   d. accumulates P_packed.V_packed + P_full.V_full into the fp32 accumulator.
 // Tiles that every row reads from one source with no causal cut (the bulk of a long prefill)
-// skip the masks.
+// skip the masks; whole packed tiles that several items of a sequence read are filled once
+// (SharedTiles in prefill_attention.h).
 #include "cpu/prefill_attention.h"
 
 #include <algorithm>
@@ -652,11 +653,16 @@ bool supported(const AttentionParams& p) {
 }
 
 // Sequences with more than one item per KV head share their whole packed tiles: those below
-// the window of the sequence's last position, which every item reading them reads whole.
+// the window of the sequence's last position, which every item reading them reads whole. The
+// storage stays with the planning thread, so it is capped (the longest contexts fill their own).
+constexpr int64_t kMaxSharedBytes = int64_t(64) << 20;
+
 void share_packed_tiles(const AttentionParams& p, int tile_tokens, PrefillPlan& plan) {
   SharedTiles& shared = plan.shared;
   shared.first.assign(p.seqs.num_seqs, 0);
   shared.count.assign(p.seqs.num_seqs, 0);
+  const bool split_keys = p.format.key_bits != kUnquantizedBits;
+  shared.tile_bytes = int64_t(kMaxKeyTile) * ((split_keys ? 2 : 1) * p.head_size + p.head_size) * 2;
   int total = 0;
   for (int seq = 0; seq < p.seqs.num_seqs; ++seq) {
     const int seq_len = p.seqs.seq_lens[seq];
@@ -664,12 +670,12 @@ void share_packed_tiles(const AttentionParams& p, int tile_tokens, PrefillPlan& 
     const int first_position = seq_len - query_len;
     const bool several_items = (seq_len - 1) / tile_tokens > first_position / tile_tokens;
     if (!plan.routes(seq) || !several_items) continue;
+    const int count = window_start(seq_len - 1, p.block_size, p.format.residual_length) / kMaxKeyTile;
+    if ((total + int64_t(count) * p.num_kv_heads) * shared.tile_bytes > kMaxSharedBytes) continue;
     shared.first[seq] = total;
-    shared.count[seq] = window_start(seq_len - 1, p.block_size, p.format.residual_length) / kMaxKeyTile;
-    total += shared.count[seq] * p.num_kv_heads;
+    shared.count[seq] = count;
+    total += count * p.num_kv_heads;
   }
-  const bool split_keys = p.format.key_bits != kUnquantizedBits;
-  shared.tile_bytes = int64_t(kMaxKeyTile) * ((split_keys ? 2 : 1) * p.head_size + p.head_size) * 2;
   thread_local std::vector<char> storage;  // the planning thread's, reused by its next calls
   const size_t bytes = size_t(total) * shared.tile_bytes + 64;
   if (storage.size() < bytes) storage.resize(bytes);
