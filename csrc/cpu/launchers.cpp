@@ -171,15 +171,13 @@ void paged_attention_cpu(torch::Tensor& out, const torch::Tensor& query, const t
 
   kvtuner::cpu::AttentionPlan plan = kvtuner::cpu::plan_attention(params, at::get_num_threads());
   // Prefill route (cpu/prefill_attention.h): sequences with many query rows run on the matrix
-  // units where the CPU has them; the vector kernel keeps the others. One queue, routed items first.
-  const kvtuner::cpu::PrefillPlan prefill = kvtuner::cpu::plan_prefill(params, at::get_num_threads());
-  kvtuner::cpu::drop_routed_sequences(prefill, plan.items);
-  kvtuner::cpu::drop_routed_sequences(prefill, plan.reductions);
+  // units where the CPU has them, taken out of `plan`; one queue, routed items first.
+  const kvtuner::cpu::PrefillPlan prefill = kvtuner::cpu::plan_prefill(params, at::get_num_threads(), plan);
   const int64_t routed = int64_t(prefill.items.size());
   std::vector<float> own_partial;
   float* partial = partial_buffer(workspace, plan.partial_rows * (params.head_size + 2), own_partial);
   parallel_dynamic(routed + int64_t(plan.items.size()), [&](int64_t i) {
-    if (i < routed) kvtuner::cpu::run_prefill_item(params, prefill, prefill.items[i]);
+    if (i < routed) kvtuner::cpu::run_prefill_item(params, prefill, prefill.items[i], partial);
     else kvtuner::cpu::run_work_item(params, plan.items[i - routed], partial);
   });
   parallel_dynamic(int64_t(plan.reductions.size()),

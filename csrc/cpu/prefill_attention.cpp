@@ -516,7 +516,9 @@ void attend_tile(const Item& it, int start, int width, int first_row, const Plan
     const bool read_full = has_full && from_full.end > from_full.begin;
     if (read_packed) scores(it, packed.keys, it.packed_depth, from_packed, w.scores_packed, group, bands);
     if (read_full) scores(it, w.keys_full, it.head_size, from_full, w.scores_full, group, bands);
-    for (int local = 0; local < 16 * bands; ++local) {
+    // Padding rows (past it.rows) need no softmax: their probabilities only reach accumulator
+    // rows that are never stored.
+    for (int local = 0; local < std::min(16 * bands, it.rows - group); ++local) {
       const int r = group + local;
       if (!t.masked) {
         if (has_packed) softmax_row(it, r, local, width, w.scores_packed, w.probs_packed);
@@ -558,6 +560,20 @@ void load_rows(const Item& it, int query_begin) {
   std::memset(w.acc, 0, size_t(it.padded_rows) * it.head_size * 4);
 }
 
+// One key partition's rows for reduce_partitions (attention.h): the reference max in natural
+// units of the scaled scores, the sum, the accumulator in channel order.
+void store_partial_rows(const Item& it, float* slots) {
+  const int channel_tiles = it.head_size / 16;
+  for (int r = 0; r < it.rows; ++r) {
+    float* slot = slots + int64_t(r) * (it.head_size + 2);
+    slot[0] = it.w.row_max[r] * it.p.scale;
+    slot[1] = _mm512_reduce_add_ps(_mm512_loadu_ps(it.w.row_sum + int64_t(r) * 16));
+    for (int t = 0; t < channel_tiles; ++t) {
+      _mm512_storeu_ps(slot + 2 + 16 * t, _mm512_loadu_ps(it.w.acc + tiled(r, t, channel_tiles, 16)));
+    }
+  }
+}
+
 void store_rows(const Item& it, int query_begin) {
   const AttentionParams& p = it.p;
   for (int r = 0; r < it.rows; ++r) {
@@ -575,7 +591,8 @@ void store_rows(const Item& it, int query_begin) {
   }
 }
 
-void attend_item(const AttentionParams& p, const PrefillPlan& plan, const PrefillItem& item, const Workspace& w) {
+void attend_item(const AttentionParams& p, const PrefillPlan& plan, const PrefillItem& item, const Workspace& w,
+                 float* partial) {
   const MatrixUnit unit = plan.unit;
   const int heads_per_kv = p.num_q_heads / p.num_kv_heads;
   const int seq_first_row = p.seqs.query_start_loc[item.seq];
@@ -609,12 +626,12 @@ void attend_item(const AttentionParams& p, const PrefillPlan& plan, const Prefil
 
   load_rows(it, item.query_begin);
   if (unit == MatrixUnit::kAmx) amx_begin();
-  const int key_end = w.position[it.padded_rows - 1] + 1;
+  const int key_end = std::min(item.key_end, w.position[it.padded_rows - 1] + 1);
   // A tile boundary where the first row's window starts (rounded down to 32): every row reads
   // all keys before it from the pages, so those tiles take the unmasked path.
   const int clean_end = std::min(key_end, w.window[0] / 32 * 32);
   int first_row = 0;  // first row whose position reaches the tile: rows are sorted by position
-  for (int start = 0; start < key_end;) {
+  for (int start = item.key_begin; start < key_end;) {
     const int limit = start < clean_end ? clean_end : key_end;
     const int width = std::min(kMaxKeyTile, (limit - start + 31) / 32 * 32);
     while (w.position[first_row] < start) ++first_row;
@@ -622,7 +639,11 @@ void attend_item(const AttentionParams& p, const PrefillPlan& plan, const Prefil
     start += width;
   }
   if (unit == MatrixUnit::kAmx) amx_end();
-  store_rows(it, item.query_begin);
+  if (item.partial_offset >= 0) {
+    store_partial_rows(it, partial + item.partial_offset * (p.head_size + 2));
+  } else {
+    store_rows(it, item.query_begin);
+  }
 }
 
 }  // namespace
@@ -683,6 +704,75 @@ void share_packed_tiles(const AttentionParams& p, int tile_tokens, PrefillPlan& 
   shared.state.reset(new std::atomic<uint8_t>[std::max(total, 1)]());
 }
 
+// Query tokens per item: as many as fill kMaxItemRows rows, fewer while the items would not
+// keep every thread busy (one prompt on many cores). Item ranges are aligned to absolute
+// positions (multiples of 32 tokens where the heads allow), so that the causal diagonal of an
+// item falls in one narrow key tile and every tile before it needs no mask.
+int query_tile_tokens(const AttentionParams& p, int num_threads, int64_t routed_tokens) {
+  const int heads_per_kv = p.num_q_heads / p.num_kv_heads;
+  int tokens = std::max(1, kMaxItemRows / heads_per_kv);
+  if (tokens >= 32) tokens = tokens / 32 * 32;
+  const int64_t wanted_items = 2 * int64_t(num_threads);
+  while (tokens > 32 && (routed_tokens / tokens + 1) * p.num_kv_heads < wanted_items) tokens /= 2;
+  return tokens;
+}
+
+// A sequence's query tokens [query_begin, query_begin + query_count) over keys [0, key_end).
+struct QueryTile {
+  int seq, query_begin, query_count, key_end;
+  int64_t cost;  // per KV head
+};
+
+std::vector<QueryTile> query_tiles(const AttentionParams& p, const PrefillPlan& plan, int tile_tokens) {
+  const int heads_per_kv = p.num_q_heads / p.num_kv_heads;
+  std::vector<QueryTile> tiles;
+  for (int seq = 0; seq < p.seqs.num_seqs; ++seq) {
+    if (!plan.routes(seq)) continue;
+    const int query_len = p.seqs.query_start_loc[seq + 1] - p.seqs.query_start_loc[seq];
+    const int first_position = p.seqs.seq_lens[seq] - query_len;
+    for (int position = first_position; position < first_position + query_len;) {
+      const int end = std::min(first_position + query_len, (position / tile_tokens + 1) * tile_tokens);
+      tiles.push_back({seq, position - first_position, end - position, end, int64_t(end - position) * heads_per_kv * end});
+      position = end;
+    }
+  }
+  return tiles;
+}
+
+// Keys per partition, at least: below it the merge costs more than the threads gain.
+constexpr int kMinPartitionKeys = 512;
+
+// One item per KV head for `tile`, or, where it alone would hold up the other threads (few
+// short query chunks over long contexts), one per key partition of whole key tiles, with the
+// merge of the partitions added to the vector plan's reductions and partial rows.
+void add_items(const QueryTile& tile, int heads_per_kv, int num_kv_heads, int64_t target_cost, PrefillPlan& plan,
+               std::vector<ReduceItem>& reductions, int64_t& partial_rows) {
+  const int64_t wanted = (tile.cost + target_cost - 1) / target_cost;
+  const int parts = int(std::max<int64_t>(1, std::min<int64_t>(wanted, tile.key_end / kMinPartitionKeys)));
+  const int part_keys = ((tile.key_end + parts - 1) / parts + kMaxKeyTile - 1) / kMaxKeyTile * kMaxKeyTile;
+  const int rows = tile.query_count * heads_per_kv;
+  for (int kv_head = 0; kv_head < num_kv_heads; ++kv_head) {
+    if (parts == 1) {
+      plan.items.push_back({tile.seq, kv_head, tile.query_begin, tile.query_count, 0, tile.key_end, -1, tile.cost});
+      continue;
+    }
+    int count = 0;
+    for (int begin = 0; begin < tile.key_end; begin += part_keys, ++count) {
+      const int end = std::min(tile.key_end, begin + part_keys);
+      plan.items.push_back({tile.seq, kv_head, tile.query_begin, tile.query_count, begin, end,
+                            partial_rows + int64_t(count) * rows, int64_t(rows) * (end - begin)});
+    }
+    reductions.push_back({tile.seq, kv_head, tile.query_begin, tile.query_count, count, partial_rows});
+    partial_rows += int64_t(count) * rows;
+  }
+}
+
+template <typename Items>
+void drop_routed(const PrefillPlan& plan, std::vector<Items>& items) {
+  items.erase(std::remove_if(items.begin(), items.end(), [&](const Items& item) { return plan.routes(item.seq); }),
+              items.end());
+}
+
 int min_prefill_rows() {
   const char* value = std::getenv("KVTUNER_PREFILL_MIN_ROWS");
   return value != nullptr && *value != '\0' ? std::max(1, std::atoi(value)) : kMinPrefillRows;
@@ -690,7 +780,7 @@ int min_prefill_rows() {
 
 }  // namespace
 
-PrefillPlan plan_prefill(const AttentionParams& p, int num_threads) {
+PrefillPlan plan_prefill(const AttentionParams& p, int num_threads, AttentionPlan& vector_plan) {
   PrefillPlan plan;
   plan.unit = prefill_matrix_unit();
   if (plan.unit == MatrixUnit::kNone || !supported(p)) return plan;
@@ -709,26 +799,15 @@ PrefillPlan plan_prefill(const AttentionParams& p, int num_threads) {
     plan.routed.clear();
     return plan;
   }
-  // Items of up to kMaxItemRows rows, fewer while they would not keep every thread busy (one
-  // prompt on many cores). Their token ranges are aligned to absolute positions (multiples of
-  // 32 tokens where the heads allow), so that the causal diagonal of an item falls in one
-  // narrow key tile and every tile before it needs no mask.
-  int tile_tokens = std::max(1, kMaxItemRows / heads_per_kv);
-  if (tile_tokens >= 32) tile_tokens = tile_tokens / 32 * 32;
-  const int64_t wanted_items = 2 * int64_t(num_threads);
-  while (tile_tokens > 32 && (routed_tokens / tile_tokens + 1) * p.num_kv_heads < wanted_items) tile_tokens /= 2;
-  for (int seq = 0; seq < p.seqs.num_seqs; ++seq) {
-    if (!plan.routed[seq]) continue;
-    const int query_len = p.seqs.query_start_loc[seq + 1] - p.seqs.query_start_loc[seq];
-    const int first_position = p.seqs.seq_lens[seq] - query_len;
-    for (int position = first_position; position < first_position + query_len;) {
-      const int end = std::min(first_position + query_len, (position / tile_tokens + 1) * tile_tokens);
-      const int64_t cost = int64_t(end - position) * heads_per_kv * end;
-      for (int kv_head = 0; kv_head < p.num_kv_heads; ++kv_head) {
-        plan.items.push_back({seq, kv_head, position - first_position, end - position, cost});
-      }
-      position = end;
-    }
+  const int tile_tokens = query_tile_tokens(p, num_threads, routed_tokens);
+  const std::vector<QueryTile> tiles = query_tiles(p, plan, tile_tokens);
+  int64_t total_cost = 0;
+  for (const QueryTile& tile : tiles) total_cost += tile.cost * p.num_kv_heads;
+  const int64_t target_cost = std::max<int64_t>(1, total_cost / (4 * int64_t(num_threads)));
+  drop_routed(plan, vector_plan.items);
+  drop_routed(plan, vector_plan.reductions);
+  for (const QueryTile& tile : tiles) {
+    add_items(tile, heads_per_kv, p.num_kv_heads, target_cost, plan, vector_plan.reductions, vector_plan.partial_rows);
   }
   std::stable_sort(plan.items.begin(), plan.items.end(),
                    [](const PrefillItem& a, const PrefillItem& b) { return a.cost > b.cost; });
@@ -736,13 +815,14 @@ PrefillPlan plan_prefill(const AttentionParams& p, int num_threads) {
   return plan;
 }
 
-void run_prefill_item(const AttentionParams& params, const PrefillPlan& plan, const PrefillItem& item) {
+void run_prefill_item(const AttentionParams& params, const PrefillPlan& plan, const PrefillItem& item,
+                      float* partial) {
 #if defined(KVT_PREFILL_X86)
   const int rows = item.query_count * (params.num_q_heads / params.num_kv_heads);
   const Workspace w = thread_workspace((rows + kRowAlignment - 1) / kRowAlignment * kRowAlignment, params.head_size);
-  prefill::attend_item(params, plan, item, w);
+  prefill::attend_item(params, plan, item, w, partial);
 #else
-  (void)params, (void)plan, (void)item;  // plan_prefill routes nothing without x86 matrix units
+  (void)params, (void)plan, (void)item, (void)partial;  // plan_prefill routes nothing without x86 matrix units
 #endif
 }
 

@@ -15,11 +15,11 @@
 #pragma once
 
 #include <atomic>
-#include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <vector>
 
+#include "cpu/attention.h"
 #include "kernel_params.h"
 
 namespace kvtuner::cpu {
@@ -36,11 +36,15 @@ MatrixUnit prefill_matrix_unit();
 constexpr int kMinPrefillRows = 16;
 
 // One unit of parallel work: query tokens [query_begin, query_begin + query_count) of one
-// sequence (indices within its query rows), all query heads of one KV head, over every key
-// the rows see.
+// sequence (indices within its query rows), all query heads of one KV head, over the keys in
+// [key_begin, key_end) the rows see. Items that split a long key range into partitions write
+// partial rows in the vector kernel's layout (attention.h: max, sum, accumulator per row),
+// merged by its reduce_partitions.
 struct PrefillItem {
   int seq, kv_head, query_begin, query_count;
-  int64_t cost;  // rows x keys, for scheduling the largest items first
+  int key_begin, key_end;
+  int64_t partial_offset;  // first partial row; -1: write the output
+  int64_t cost;            // rows x keys, for scheduling the largest items first
 };
 
 // Key tiles from the pages that several items of a sequence read (whole 128-position tiles
@@ -63,19 +67,13 @@ struct PrefillPlan {
   bool routes(int seq) const { return !routed.empty() && routed[seq] != 0; }
 };
 
-PrefillPlan plan_prefill(const AttentionParams& params, int num_threads);
+// Plans the sequences routed here and takes them over from the vector kernel's plan: their
+// items leave `vector_plan`, the merges of their key partitions join its reductions and their
+// partial rows its partial buffer (after its own).
+PrefillPlan plan_prefill(const AttentionParams& params, int num_threads, AttentionPlan& vector_plan);
 
-void run_prefill_item(const AttentionParams& params, const PrefillPlan& plan, const PrefillItem& item);
-
-// Removes the items of routed sequences from another kernel's work list (anything with a `seq`).
-template <typename Items>
-void drop_routed_sequences(const PrefillPlan& plan, Items& items) {
-  if (plan.items.empty()) return;
-  std::size_t kept = 0;
-  for (std::size_t i = 0; i < items.size(); ++i) {
-    if (!plan.routes(items[i].seq)) items[kept++] = items[i];
-  }
-  items.resize(kept);
-}
+// `partial`: the partial buffer of `vector_plan` (null when no item needs it).
+void run_prefill_item(const AttentionParams& params, const PrefillPlan& plan, const PrefillItem& item,
+                      float* partial);
 
 }  // namespace kvtuner::cpu

@@ -21,6 +21,7 @@ quantize_and_cache and write_window (ring), then this step's quantize_and_cache.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -155,15 +156,33 @@ def test_softcap(scheme, unit):
     check_step(fmt, RAGGED, num_q_heads=4, num_kv_heads=2, block_size=32, softcap=30.0)
 
 
+@contextmanager
+def torch_threads(count):
+    """The kernels plan their items for torch's thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_long_prompts_on_one_thread(unit):
     """One thread: items of the largest size (128 tokens x 3 query heads), many key tiles each."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        fmt = kvformat.LayerFormat(4, 4, 64, 64, torch.bfloat16, kvformat.KIVI, 32, 32)
+    fmt = kvformat.LayerFormat(4, 4, 64, 64, torch.bfloat16, kvformat.KIVI, 32, 32)
+    with torch_threads(1):
         check_step(fmt, [(1024, 1024), (900, 260)], num_q_heads=9, num_kv_heads=3, block_size=128)
-    finally:
-        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("scheme,residual_length", [(kvformat.PER_TOKEN, 0), (kvformat.PER_TOKEN, 64),
+                                                    (kvformat.KIVI, 32)])
+def test_key_partitions(scheme, residual_length, unit):
+    """Short chunks over long contexts on 8 threads: the keys of the three longest are split into 2
+    or 3 partitions of whole key tiles, merged by the vector kernel's reduce_partitions."""
+    key_group_size = 32 if scheme == kvformat.KIVI else 0
+    fmt = kvformat.LayerFormat(4, 8, 64, 32, torch.bfloat16, scheme, key_group_size, residual_length)
+    with torch_threads(8):
+        check_step(fmt, [(2000, 20), (1500, 1), (1300, 7), (40, 40)], num_q_heads=9, num_kv_heads=3, block_size=64)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
