@@ -24,35 +24,37 @@
 namespace kvtuner::cpu::prefill {
 
 // ---------------------------------------------------------------------------------------
-// Codes -> fp32, 16 channels at a time
+// Codes -> fp32, 32 channels at a time
 // ---------------------------------------------------------------------------------------
 
-// Codes of channels [c, c + 16) of one token row, one byte each in channel order. Codes sit
+// Codes of channels [c, c + 32) of one token row, one byte each in channel order. Codes sit
 // little end first: 4 bits, channel 2i in the low nibble of byte i; 2 bits, channel 4i + k
 // in bits 2k..2k+1 of byte i.
 template <int kBits>
-inline __m128i channel_codes(const uint8_t* row, int c) {
+inline __m256i channel_codes(const uint8_t* row, int c) {
   if constexpr (kBits == 8) {
-    return _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c));
-  } else if constexpr (kBits == 4) {
-    const __m128i bytes = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + c / 2)));
-    return _mm_or_si128(_mm_and_si128(bytes, _mm_set1_epi16(0x000f)),
-                        _mm_and_si128(_mm_slli_epi16(bytes, 4), _mm_set1_epi16(0x0f00)));
-  } else {
-    int32_t word;
-    std::memcpy(&word, row + c / 4, 4);
-    const __m128i bytes = _mm_cvtepu8_epi32(_mm_cvtsi32_si128(word));
-    __m128i codes = _mm_and_si128(bytes, _mm_set1_epi32(0x3));
-    codes = _mm_or_si128(codes, _mm_and_si128(_mm_slli_epi32(bytes, 6), _mm_set1_epi32(0x300)));
-    codes = _mm_or_si128(codes, _mm_and_si128(_mm_slli_epi32(bytes, 12), _mm_set1_epi32(0x30000)));
-    return _mm_or_si128(codes, _mm_and_si128(_mm_slli_epi32(bytes, 18), _mm_set1_epi32(0x3000000)));
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + c));
+  } else if constexpr (kBits == 4) {  // byte i -> word i = (low nibble, high nibble)
+    const __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c / 2)));
+    return _mm256_or_si256(_mm256_and_si256(bytes, _mm256_set1_epi16(0x000f)),
+                           _mm256_and_si256(_mm256_slli_epi16(bytes, 4), _mm256_set1_epi16(0x0f00)));
+  } else {  // byte i -> dword i = its four 2-bit fields, one per byte
+    int64_t word;
+    std::memcpy(&word, row + c / 4, 8);
+    const __m256i bytes = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(word));
+    __m256i codes = _mm256_and_si256(bytes, _mm256_set1_epi32(0x3));
+    codes = _mm256_or_si256(codes, _mm256_and_si256(_mm256_slli_epi32(bytes, 6), _mm256_set1_epi32(0x300)));
+    codes = _mm256_or_si256(codes, _mm256_and_si256(_mm256_slli_epi32(bytes, 12), _mm256_set1_epi32(0x30000)));
+    return _mm256_or_si256(codes, _mm256_and_si256(_mm256_slli_epi32(bytes, 18), _mm256_set1_epi32(0x3000000)));
   }
 }
 
+// The fp32 codes of channels [c, c + 16) and [c + 16, c + 32).
 template <int kBits>
-inline __m512 dequantize16(const uint8_t* row, int c, __m512 scale, __m512 zero) {
-  const __m512 code = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(channel_codes<kBits>(row, c)));
-  return _mm512_fmadd_ps(code, scale, zero);
+inline void codes_to_float(const uint8_t* row, int c, __m512* low, __m512* high) {
+  const __m256i codes = channel_codes<kBits>(row, c);
+  *low = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(codes)));
+  *high = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(codes, 1)));
 }
 
 inline __m512 widen_bf16(__m256i bf) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf), 16)); }
@@ -70,31 +72,30 @@ inline void store_bf16x32(uint16_t* out, int head_size, __m512 low, __m512 high)
   }
 }
 
-inline float load_half(const uint8_t* p) {
-  uint16_t h;
-  std::memcpy(&h, p, 2);
-  return _cvtsh_ss(h);
-}
-
 // ---------------------------------------------------------------------------------------
 // Packed tokens -> bf16 rows [n][D]
 // ---------------------------------------------------------------------------------------
 
-// Per-token groups of `group_size` channels (a multiple of 32), params [scale, zero] per group.
-// Output rows are `pitch` elements apart.
+// Per-token groups of `group_size` channels (a multiple of 32), params [scale, zero] per group
+// (at most 8 groups: D <= 256). Output rows are `pitch` elements apart.
 template <int kBits, bool kSplit>
 inline void dequantize_token_rows(const uint8_t* codes, const uint8_t* params, int count, int head_size,
                                   int group_size, uint16_t* out, int pitch) {
   const int code_bytes = head_size * kBits / 8;
-  const int param_bytes = head_size / group_size * 4;
+  const int groups = head_size / group_size;
+  const __mmask16 param_halves = __mmask16((1u << (2 * groups)) - 1);  // masked: never reads past the row
   for (int t = 0; t < count; ++t) {
     const uint8_t* row = codes + int64_t(t) * code_bytes;
-    const uint8_t* row_params = params + int64_t(t) * param_bytes;
+    const __m512 row_params =  // [scale_0, zero_0, scale_1, zero_1, ...]
+        _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(param_halves, params + int64_t(t) * groups * 4));
     for (int c = 0; c < head_size; c += 32) {
-      const uint8_t* group = row_params + c / group_size * 4;
-      const __m512 scale = _mm512_set1_ps(load_half(group)), zero = _mm512_set1_ps(load_half(group + 2));
-      store_bf16x32<kSplit>(out + int64_t(t) * pitch + c, head_size, dequantize16<kBits>(row, c, scale, zero),
-                            dequantize16<kBits>(row, c + 16, scale, zero));
+      const int group = c / group_size;
+      const __m512 scale = _mm512_permutexvar_ps(_mm512_set1_epi32(2 * group), row_params);
+      const __m512 zero = _mm512_permutexvar_ps(_mm512_set1_epi32(2 * group + 1), row_params);
+      __m512 low, high;
+      codes_to_float<kBits>(row, c, &low, &high);
+      store_bf16x32<kSplit>(out + int64_t(t) * pitch + c, head_size, _mm512_fmadd_ps(low, scale, zero),
+                            _mm512_fmadd_ps(high, scale, zero));
     }
   }
 }
@@ -115,10 +116,11 @@ inline void dequantize_channel_rows(const uint8_t* codes, const float* scale, co
   for (int t = 0; t < count; ++t) {
     const uint8_t* row = codes + int64_t(t) * code_bytes;
     for (int c = 0; c < head_size; c += 32) {
-      const __m512 low = dequantize16<kBits>(row, c, _mm512_loadu_ps(scale + c), _mm512_loadu_ps(zero + c));
-      const __m512 high =
-          dequantize16<kBits>(row, c + 16, _mm512_loadu_ps(scale + c + 16), _mm512_loadu_ps(zero + c + 16));
-      store_bf16x32<true>(out + int64_t(t) * pitch + c, head_size, low, high);
+      __m512 low, high;
+      codes_to_float<kBits>(row, c, &low, &high);
+      store_bf16x32<true>(out + int64_t(t) * pitch + c, head_size,
+                          _mm512_fmadd_ps(low, _mm512_loadu_ps(scale + c), _mm512_loadu_ps(zero + c)),
+                          _mm512_fmadd_ps(high, _mm512_loadu_ps(scale + c + 16), _mm512_loadu_ps(zero + c + 16)));
     }
   }
 }
