@@ -30,6 +30,8 @@
 #define KVT_PREFILL_X86 1
 #include <cpuid.h>
 #include <immintrin.h>
+#endif
+#if defined(KVT_PREFILL_X86) && defined(__linux__)
 #include <sys/syscall.h>
 #include <unistd.h>
 #endif
@@ -50,11 +52,16 @@ uint64_t enabled_register_state() {  // XCR0: the register files the OS saves an
   return (uint64_t(edx) << 32) | eax;
 }
 
-// AMX tile data is off for a process until it asks the kernel (Linux >= 5.16).
+// AMX tile data is off for a process until it asks the kernel (Linux >= 5.16; elsewhere we
+// leave AMX alone).
 bool request_amx_permission() {
+#if defined(__linux__)
   constexpr long kArchRequestXcompPerm = 0x1023;
   constexpr long kXfeatureTileData = 18;
   return syscall(SYS_arch_prctl, kArchRequestXcompPerm, kXfeatureTileData) == 0;
+#else
+  return false;
+#endif
 }
 
 MatrixUnit detect_matrix_unit() {
