@@ -181,62 +181,73 @@ inline void amx_accumulate(const uint16_t* probs, const uint32_t* values, int he
 
 // ---------------------------------------------------------------------------------------
 // AVX512-BF16: vdpbf16ps adds a[2i] * b[2i] + a[2i+1] * b[2i+1] into fp32 lane i, so a row of a
-// right tile is one operand, and each left pair is broadcast. Four rows share the right loads.
+// right tile is one operand and each left pair is broadcast. Four rows x four right vectors
+// (16 accumulators) share the loads; the loops walk the same tiles as AMX.
 // ---------------------------------------------------------------------------------------
 
 inline __m512bh as_bf16(__m512i v) { return (__m512bh)v; }
 
-inline uint32_t left_pair(const uint16_t* buffer, int tiles, int r, int pair) {
-  uint32_t word;
-  __builtin_memcpy(&word, buffer + tiled(r, pair / 16, tiles, 32) + 2 * (pair % 16), 4);
-  return word;
+// C[4 rows][vecs x 16 columns] (+)= sum over `steps` tiles of A . B: `left[i]` is row i of the
+// first left tile, `right` the first right tile of the columns, `out[i]` row i of the first
+// result tile; consecutive left tiles lie `left_step` words apart, right tiles `right_step`,
+// columns one tile (256 words) apart.
+template <int kVecs>
+inline void dot_block(const uint32_t* const left[4], int64_t left_step, const uint32_t* right, int64_t right_step,
+                      int steps, float* const out[4], bool accumulate) {
+  __m512 acc[4][kVecs];
+  for (int i = 0; i < 4; ++i)
+    for (int v = 0; v < kVecs; ++v) acc[i][v] = accumulate ? _mm512_loadu_ps(out[i] + 256 * v) : _mm512_setzero_ps();
+  for (int s = 0; s < steps; ++s) {
+    const uint32_t* b = right + s * right_step;
+    for (int k = 0; k < 16; ++k) {
+      __m512i column[kVecs];
+      for (int v = 0; v < kVecs; ++v) column[v] = _mm512_loadu_si512(b + 256 * v + 16 * k);
+      for (int i = 0; i < 4; ++i) {
+        const __m512i pair = _mm512_set1_epi32(int(left[i][s * left_step + k]));
+        for (int v = 0; v < kVecs; ++v) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], as_bf16(pair), as_bf16(column[v]));
+      }
+    }
+  }
+  for (int i = 0; i < 4; ++i)
+    for (int v = 0; v < kVecs; ++v) _mm512_storeu_ps(out[i] + 256 * v, acc[i][v]);
+}
+
+// The tile grid of prefill_matmul's layouts, walked four rows and up to four result tiles at a
+// time: `left_tiles`/`out_tiles` tiles per 16-row band, right tiles `right_step` words apart per
+// reduction step; columns [first_column, end_column) in 16-column tiles.
+inline void dot_product(const uint16_t* left, int left_tiles, const uint32_t* right, int64_t right_step,
+                        float* out, int out_tiles, int first_step, int steps, int first_column, int end_column,
+                        int bands, bool accumulate) {
+  for (int r = 0; r < 16 * bands; r += 4) {
+    const uint32_t* rows[4];
+    float* outs[4];
+    for (int i = 0; i < 4; ++i) {
+      rows[i] = reinterpret_cast<const uint32_t*>(left + tiled(r + i, first_step, left_tiles, 32));
+    }
+    for (int column = first_column; column < end_column; column += 4) {
+      for (int i = 0; i < 4; ++i) outs[i] = out + tiled(r + i, column, out_tiles, 16);
+      const uint32_t* b = right + int64_t(first_step) * right_step + 256 * column;
+      switch (end_column - column < 4 ? end_column - column : 4) {
+        case 4: dot_block<4>(rows, 256, b, right_step, steps, outs, accumulate); break;
+        case 3: dot_block<3>(rows, 256, b, right_step, steps, outs, accumulate); break;
+        case 2: dot_block<2>(rows, 256, b, right_step, steps, outs, accumulate); break;
+        default: dot_block<1>(rows, 256, b, right_step, steps, outs, accumulate); break;
+      }
+    }
+  }
 }
 
 inline void dot_scores(const uint16_t* query, int query_depth, const uint32_t* keys, int depth, KeyRange keys_range,
                        float* scores, int bands) {
-  const int query_steps = query_depth / 32;
-  const int end_block = keys_range.end / 16;
-  for (int r = 0; r < 16 * bands; r += 4) {
-    for (int block = keys_range.begin / 16; block < end_block; block += 4) {  // 4 rows x 64 keys: 16 accumulators
-      const int vecs = end_block - block >= 4 ? 4 : end_block - block;
-      __m512 acc[4][4];
-      for (int i = 0; i < 4; ++i)
-        for (int v = 0; v < 4; ++v) acc[i][v] = _mm512_setzero_ps();
-      for (int c = 0; c < depth / 2; ++c) {
-        __m512i k[4];
-        for (int v = 0; v < vecs; ++v) k[v] = _mm512_loadu_si512(keys + tiled(c, block + v, kKeyBlocks, 16));
-        for (int i = 0; i < 4; ++i) {
-          const __m512i q = _mm512_set1_epi32(int(left_pair(query, query_steps, r + i, c)));
-          for (int v = 0; v < vecs; ++v) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], as_bf16(q), as_bf16(k[v]));
-        }
-      }
-      for (int i = 0; i < 4; ++i)
-        for (int v = 0; v < vecs; ++v) _mm512_storeu_ps(scores + tiled(r + i, block + v, kKeyBlocks, 16), acc[i][v]);
-    }
-  }
+  dot_product(query, query_depth / 32, keys, int64_t(kKeyBlocks) * 256, scores, kKeyBlocks, 0, depth / 32,
+              keys_range.begin / 16, keys_range.end / 16, bands, false);
 }
 
 inline void dot_accumulate(const uint16_t* probs, const uint32_t* values, int head_size, KeyRange keys_range,
                            float* acc, int bands) {
   const int channel_tiles = head_size / 16;
-  for (int r = 0; r < 16 * bands; r += 4) {
-    for (int block = 0; block < channel_tiles; block += 4) {  // 4 rows x 64 channels: 16 accumulators
-      const int vecs = channel_tiles - block >= 4 ? 4 : channel_tiles - block;
-      __m512 sum[4][4];
-      for (int i = 0; i < 4; ++i)
-        for (int v = 0; v < vecs; ++v) sum[i][v] = _mm512_loadu_ps(acc + tiled(r + i, block + v, channel_tiles, 16));
-      for (int n = keys_range.begin / 2; n < keys_range.end / 2; ++n) {
-        __m512i vv[4];
-        for (int v = 0; v < vecs; ++v) vv[v] = _mm512_loadu_si512(values + tiled(n, block + v, channel_tiles, 16));
-        for (int i = 0; i < 4; ++i) {
-          const __m512i p = _mm512_set1_epi32(int(left_pair(probs, kProbBlocks, r + i, n)));
-          for (int v = 0; v < vecs; ++v) sum[i][v] = _mm512_dpbf16_ps(sum[i][v], as_bf16(p), as_bf16(vv[v]));
-        }
-      }
-      for (int i = 0; i < 4; ++i)
-        for (int v = 0; v < vecs; ++v) _mm512_storeu_ps(acc + tiled(r + i, block + v, channel_tiles, 16), sum[i][v]);
-    }
-  }
+  dot_product(probs, kProbBlocks, values, int64_t(channel_tiles) * 256, acc, channel_tiles, keys_range.begin / 32,
+              (keys_range.end - keys_range.begin) / 32, 0, channel_tiles, bands, true);
 }
 
 }  // namespace kvtuner::cpu::prefill
