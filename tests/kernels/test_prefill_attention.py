@@ -14,18 +14,17 @@ the tests therefore use unchanged.
 Sequences take the route by query rows (tokens x query heads per KV head); the tests lower the
 threshold (KVTUNER_PREFILL_MIN_ROWS=1) so that every sequence of a batch takes it, decodes and
 1-token chunks included, and name the unit (KVTUNER_PREFILL_ISA). Units the CPU lacks are
-skipped. History before a step's rows is written the way a server writes it: an earlier step's
-quantize_and_cache and write_window (ring), then this step's quantize_and_cache.
+skipped. kernel_cases.make_batch writes each sequence's history the way a server does (an
+earlier step's quantize_and_cache and write_window), then the step's own rows.
 """
 
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 
 import pytest
 import torch
-from kernel_cases import ATTENTION_BIT_PAIRS, TOLERANCE
+from kernel_cases import ATTENTION_BIT_PAIRS, TOLERANCE, make_batch, reference_attention
 
 from kvtuner_vllm import format as kvformat
 from kvtuner_vllm import ops
@@ -48,62 +47,16 @@ def unit(request, monkeypatch):
     return request.param
 
 
-def make_step(fmt, sequences, num_q_heads, num_kv_heads, block_size, seed=0):
-    """A step's batch: per sequence (seq_len, query_len), positions before the step written by an
-    earlier step (pages and ring), then the step's own rows written to the pages."""
-    generator = torch.Generator().manual_seed(seed)
-    head_size, dtype = fmt.head_size, fmt.dtype
-    num_seqs = len(sequences)
-    blocks_per_seq = max(math.ceil(length / block_size) for length, _ in sequences)
-    num_blocks = num_seqs * blocks_per_seq + 3  # spare blocks stay garbage, never read
-    block_table = torch.randperm(num_blocks, generator=generator)[: num_seqs * blocks_per_seq]
-    block_table = block_table.view(num_seqs, blocks_per_seq).to(torch.int32)
-    kv_cache = torch.randint(0, 256, fmt.cache_shape(num_blocks, num_kv_heads, block_size), dtype=torch.uint8,
-                             generator=generator)
-    ring_cache = ring_block_ids = None
-    if fmt.has_window:  # rows the reference never reads stay random
-        ring_cache = torch.randn(fmt.ring_shape(num_seqs + 2, num_kv_heads), generator=generator).to(dtype)
-        ring_block_ids = torch.randperm(num_seqs + 2, generator=generator)[:num_seqs].to(torch.int32)
-    channel_offset = torch.randn(num_kv_heads, head_size, generator=generator) * 2  # outlier channels
-    keys = [(torch.randn(length, num_kv_heads, head_size, generator=generator) + channel_offset).to(dtype)
-            for length, _ in sequences]
-    values = [torch.randn(length, num_kv_heads, head_size, generator=generator).to(dtype) for length, _ in sequences]
-
-    def write(ranges):
-        """One step writing positions [begin, end) of each sequence; returns its varlen tensors."""
-        query_start_loc = torch.zeros(num_seqs + 1, dtype=torch.int32)
-        query_start_loc[1:] = torch.tensor([end - begin for begin, end in ranges]).cumsum(0)
-        seq_lens = torch.tensor([end for _, end in ranges], dtype=torch.int32)
-        key = torch.cat([k[begin:end] for k, (begin, end) in zip(keys, ranges, strict=True)])
-        value = torch.cat([v[begin:end] for v, (begin, end) in zip(values, ranges, strict=True)])
-        slots = torch.cat([block_table[seq, torch.arange(begin, end) // block_size].long() * block_size +
-                           torch.arange(begin, end) % block_size for seq, (begin, end) in enumerate(ranges)])
-        kvformat.quantize_and_cache_ref(key, value, kv_cache, slots, fmt, query_start_loc, seq_lens, ring_cache,
-                                        ring_block_ids)
-        return key, value, query_start_loc, seq_lens
-
-    firsts = [length - query_len for length, query_len in sequences]
-    if any(firsts):
-        history = write([(0, first) for first in firsts])
-        if fmt.has_window:
-            kvformat.write_window_ref(history[0], history[1], ring_cache, ring_block_ids, history[2], history[3], fmt)
-    key, value, query_start_loc, seq_lens = write([(first, length) for first, (length, _) in zip(firsts, sequences)])
-    query = torch.randn(key.shape[0], num_q_heads, head_size, generator=generator).to(dtype)
-    return dict(query=query, key=key, value=value, kv_cache=kv_cache, block_table=block_table, seq_lens=seq_lens,
-                query_start_loc=query_start_loc, ring_cache=ring_cache, ring_block_ids=ring_block_ids)
-
-
 def check_step(fmt, sequences, num_q_heads, num_kv_heads, block_size, softcap=None, seed=0):
-    step = make_step(fmt, sequences, num_q_heads, num_kv_heads, block_size, seed)
+    """One step over the batch of (seq_len, query_len) pairs, against the reference."""
+    batch = make_batch(fmt, [length for length, _ in sequences], [rows for _, rows in sequences], num_q_heads,
+                       num_kv_heads, block_size, seed)
     scale = fmt.head_size**-0.5
-    expected = kvformat.paged_attention_ref(
-        step["query"], step["key"], step["value"], step["kv_cache"], step["block_table"], step["seq_lens"],
-        step["query_start_loc"], scale, fmt, step["ring_cache"], step["ring_block_ids"], softcap)
-    out = torch.full_like(step["query"], float("nan"))
-    query_lens = [query_len for _, query_len in sequences]
-    ops.paged_attention(out, step["query"], step["key"], step["value"], step["kv_cache"], step["block_table"],
-                        step["seq_lens"], step["query_start_loc"], max(query_lens), max(s for s, _ in sequences),
-                        scale, fmt, step["ring_cache"], step["ring_block_ids"], softcap)
+    expected = reference_attention(batch, scale, softcap)
+    out = torch.full_like(batch.query, float("nan"))
+    ops.paged_attention(out, batch.query, batch.key, batch.value, batch.kv_cache, batch.block_table, batch.seq_lens,
+                        batch.query_start_loc, batch.max_query_len, batch.max_seq_len, scale, fmt, batch.ring_cache,
+                        batch.ring_block_ids, softcap)
     torch.testing.assert_close(out.float(), expected.float(), **TOLERANCE[fmt.dtype])
 
 
@@ -185,10 +138,11 @@ def test_key_partitions(scheme, residual_length, unit):
         check_step(fmt, [(2000, 20), (1500, 1), (1300, 7), (40, 40)], num_q_heads=9, num_kv_heads=3, block_size=64)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
-def test_other_dtypes_stay_on_the_vector_kernel(dtype, unit):
-    """The route takes bfloat16 models only: fp32 must keep fp32 accuracy, which bf16 operands would lose."""
-    fmt = kvformat.LayerFormat(4, 4, 64, 32, dtype)
+@pytest.mark.parametrize("dtype,head_size", [(torch.float16, 64), (torch.float32, 64), (torch.bfloat16, 80)], ids=str)
+def test_unsupported_layers_stay_on_the_vector_kernel(dtype, head_size, unit):
+    """The route takes bfloat16 models with head sizes of 32k only: fp32 must keep fp32 accuracy,
+    which bf16 operands would lose; head size 80 must still be computed (by the vector kernel)."""
+    fmt = kvformat.LayerFormat(4, 4, head_size, head_size if head_size == 80 else 32, dtype)
     check_step(fmt, [(130, 130), (60, 20)], num_q_heads=4, num_kv_heads=2, block_size=16)
 
 
