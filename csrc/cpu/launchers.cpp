@@ -10,14 +10,9 @@
 
 #include "cpu/attention.h"
 #include "cpu/cache_write.h"
+#include "cpu/prefill_attention.h"
 #include "launcher_args.h"
 #include "ops.h"
-
-// The matrix-unit kernel for long query chunks, where it is built (see run_item).
-#if __has_include("cpu/prefill_attention.h")
-#include "cpu/prefill_attention.h"
-#define KVTUNER_CPU_PREFILL_ATTENTION 1
-#endif
 
 namespace {
 
@@ -101,16 +96,6 @@ void parallel_dynamic(int64_t n, const Body& body) {
   });
 }
 
-// The dispatch point of an attention item: a tile of a long query chunk goes to the matrix-unit
-// kernel (cpu/prefill_attention.h) where it is built and takes the item; everything else, and
-// what it declines (no AMX on this CPU, a dtype it lacks), runs on the vector kernel.
-void run_item(const AttentionParams& params, const kvtuner::cpu::WorkItem& item, float* partial) {
-#ifdef KVTUNER_CPU_PREFILL_ATTENTION
-  if (item.long_query && kvtuner::cpu::prefill_attention(params, item, partial)) return;
-#endif
-  kvtuner::cpu::run_work_item(params, item, partial);
-}
-
 // The split-key partial buffer: the caller's workspace when it is large enough, else our own.
 float* partial_buffer(const std::optional<torch::Tensor>& workspace, int64_t floats, std::vector<float>& own) {
   if (floats == 0) return nullptr;
@@ -184,10 +169,17 @@ void paged_attention_cpu(torch::Tensor& out, const torch::Tensor& query, const t
   check_block_table(params, block_table, kv_cache.size(0));
   if (params.format.residual_length > 0) check_ring_ids(params.ring, params.seqs.num_seqs, num_ring_blocks(ring_cache));
 
-  const kvtuner::cpu::AttentionPlan plan = kvtuner::cpu::plan_attention(params, at::get_num_threads());
+  kvtuner::cpu::AttentionPlan plan = kvtuner::cpu::plan_attention(params, at::get_num_threads());
+  // Prefill route (cpu/prefill_attention.h): sequences with many query rows run on the matrix
+  // units where the CPU has them, taken out of `plan`; one queue, routed items first.
+  const kvtuner::cpu::PrefillPlan prefill = kvtuner::cpu::plan_prefill(params, at::get_num_threads(), plan);
+  const int64_t routed = int64_t(prefill.items.size());
   std::vector<float> own_partial;
   float* partial = partial_buffer(workspace, plan.partial_rows * (params.head_size + 2), own_partial);
-  parallel_dynamic(int64_t(plan.items.size()), [&](int64_t i) { run_item(params, plan.items[i], partial); });
+  parallel_dynamic(routed + int64_t(plan.items.size()), [&](int64_t i) {
+    if (i < routed) kvtuner::cpu::run_prefill_item(params, prefill, prefill.items[i], partial);
+    else kvtuner::cpu::run_work_item(params, plan.items[i - routed], partial);
+  });
   parallel_dynamic(int64_t(plan.reductions.size()),
                    [&](int64_t i) { kvtuner::cpu::reduce_partitions(params, plan.reductions[i], partial); });
 }
