@@ -36,10 +36,15 @@ class Pool:
 
 
 def build_pool(front: Sequence[Scored], uniform: Sequence[Scored], budget: float, verify: int) -> Pool:
+    """The `verify` front maps with the lowest calibration KL within the budget, leaving out any with over
+    RULE_OUT times the lowest calibration KL of all candidates (it cannot win), and the uniform maps within the
+    budget but those with over RULE_OUT times the calibration KL of the best uniform map."""
     within = [s for s in front if s.candidate.avg_bits <= budget + 1e-9 and not s.candidate.uniform]
-    chosen_front = sorted(within, key=lambda s: (s.calibration.kl, s.candidate.avg_bits))[:verify]
-    kept, ruled_out = [], []
     candidates = [u for u in uniform if u.candidate.avg_bits <= budget + 1e-9]
+    lowest = min((s.calibration.kl for s in within + candidates), default=float("inf"))
+    chosen_front = [s for s in sorted(within, key=lambda s: (s.calibration.kl, s.candidate.avg_bits))[:verify]
+                    if s.calibration.kl <= RULE_OUT * lowest]
+    kept, ruled_out = [], []
     best = min(candidates, key=lambda v: v.calibration.kl, default=None)
     for u in candidates:
         if u.calibration.kl > RULE_OUT * best.calibration.kl:

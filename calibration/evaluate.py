@@ -25,6 +25,8 @@ from tqdm.auto import tqdm
 from calibration import capture, simulate
 from calibration.common import Candidate
 
+POSITIONS_PER_STEP = 64  # logits of 64 positions x 2 windows x 50k tokens: under glibc's 32 MB mmap threshold
+
 
 @dataclass(frozen=True)
 class Scores:
@@ -40,16 +42,20 @@ class Scores:
 
 
 class Reference:
-    """The unquantized next-token distribution, prepared once: KL against it then costs one log-softmax."""
+    """The unquantized next-token distribution, kept as log-probabilities [batch, positions, vocab].
+
+    KL is summed as p_ref * (log p_ref - log p) term by term: the two logs are close where the map is good,
+    and their difference keeps its precision, where entropy minus cross-entropy (two sums of ~10 nats each)
+    would lose the small KL of a good map to float32 rounding."""
 
     def __init__(self, logits: torch.Tensor):
-        log_probs = F.log_softmax(logits.float(), dim=-1)
-        self.probs = log_probs.exp()
-        self.neg_entropy = (self.probs * log_probs).sum(-1)
+        self.log_probs = F.log_softmax(logits.float(), dim=-1)
 
-    def kl(self, logits: torch.Tensor) -> torch.Tensor:
-        """Per-position KL(p_ref || p) over the vocabulary, float32 [..., positions]."""
-        return self.neg_entropy - (self.probs * F.log_softmax(logits.float(), dim=-1)).sum(-1)
+    def kl(self, logits: torch.Tensor, positions: slice = slice(None)) -> torch.Tensor:
+        """Per-position KL(p_ref || p) over the vocabulary, float32 [batch, positions]; `logits` are those of the
+        reference's `positions` (a slice of its position axis)."""
+        reference = self.log_probs[:, positions]
+        return (reference.exp() * (reference - F.log_softmax(logits.float(), dim=-1))).sum(-1)
 
 
 class ScoreStore:
@@ -128,12 +134,14 @@ class Evaluator:
         if self._replays is not None:
             return
         self._replays = [capture.capture_replay(self.model, batch, self.block_size) for batch in self.batches]
+        hidden = []
         with simulate.served(self.model, capture.unquantized_formats(self.model), self.block_size), \
                 torch.inference_mode():
-            logits = [replay.logits_from(self.model, 0)[:, :-1] for replay in self._replays]
-        self._references = [Reference(batch_logits) for batch_logits in logits]
-        if ScoreStore.UNQUANTIZED not in self.store:
-            self.store.add(ScoreStore.UNQUANTIZED, self._score(logits))
+            for replay in self._replays:
+                hidden.append(replay.run(self.model, replay.inputs[0], 0, len(replay.inputs)))
+                self._references.append(Reference(replay.logits(self.model, hidden[-1])[:, :-1]))
+            if ScoreStore.UNQUANTIZED not in self.store:
+                self.store.add(ScoreStore.UNQUANTIZED, self._score(hidden))
 
     @property
     def unquantized(self) -> Scores:
@@ -141,24 +149,28 @@ class Evaluator:
             self._prepare()
         return self.store[ScoreStore.UNQUANTIZED]
 
-    def _score(self, logits: Sequence[torch.Tensor]) -> Scores:
+    def _score(self, hidden: Sequence[torch.Tensor]) -> Scores:
+        """Mean KL and NLL from each batch's last hidden state, the vocabulary projected POSITIONS_PER_STEP
+        positions at a time: same numbers, but no logits tensor of hundreds of MB allocated per evaluation."""
         kl = nll = 0.0
-        for batch, reference, out in zip(self.batches, self._references, logits, strict=True):
-            targets = batch[:, 1:].to(out.device)
-            nll += F.cross_entropy(out.flatten(0, 1).float(), targets.flatten(), reduction="sum").item()
-            kl += reference.kl(out).sum().item()
+        for batch, replay, reference, last in zip(self.batches, self._replays, self._references, hidden, strict=True):
+            targets = batch[:, 1:].to(last.device)
+            for start in range(0, targets.shape[1], POSITIONS_PER_STEP):
+                positions = slice(start, min(start + POSITIONS_PER_STEP, targets.shape[1]))
+                logits = replay.logits(self.model, last[:, positions]).float()
+                nll += F.cross_entropy(logits.flatten(0, 1), targets[:, positions].flatten(), reduction="sum").item()
+                kl += reference.kl(logits, positions).sum().item()
         return Scores(kl / self.tokens, nll / self.tokens)
 
-    def _logits(self, index: int, candidate: Candidate, formats) -> torch.Tensor:
+    def _last_hidden(self, index: int, candidate: Candidate, formats) -> torch.Tensor:
         replay = self._replays[index]
         done, hidden = self.states.longest(index, candidate)
         hidden = replay.inputs[0] if hidden is None else hidden
         self.states.layers_reused += done
         self.states.layers_run += len(formats) - done
         with simulate.served(self.model, formats, self.block_size):
-            hidden = replay.run(self.model, hidden, done, len(formats),
-                                keep=lambda layer, out: self.states.put(index, candidate, layer, out))
-            return replay.logits(self.model, hidden)[:, :-1]
+            return replay.run(self.model, hidden, done, len(formats),
+                              keep=lambda layer, out: self.states.put(index, candidate, layer, out))
 
     def score(self, candidate: Candidate) -> Scores:
         if candidate.key not in self.store:
@@ -166,8 +178,8 @@ class Evaluator:
             head_size = simulate.attention_modules(self.model)[0].head_dim
             formats = candidate.layer_formats(head_size, self.dtype)
             with torch.inference_mode():
-                logits = [self._logits(i, candidate, formats) for i in range(len(self.batches))]
-            self.store.add(candidate.key, self._score(logits))
+                hidden = [self._last_hidden(i, candidate, formats) for i in range(len(self.batches))]
+                self.store.add(candidate.key, self._score(hidden))
             self.computed += 1
         return self.store[candidate.key]
 

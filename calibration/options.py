@@ -32,10 +32,10 @@ class Options:
     formats: int = 2  # options kept for the search (ranked by the exact surrogate front at the budget)
     band: float = 1.0  # the search looks at maps with average bits in [budget - band, budget]
     seeds_per_format: int = 2  # exact-front maps per kept option in the initial population
-    pop_size: int = 12
+    pop_size: int = 10
     offspring: int = 6  # new maps per generation
-    generations: int = 4  # the initial population counts as the first
-    verify: int = 4  # front maps scored on held-out text (the lowest calibration KL ones)
+    generations: int = 3  # the initial population counts as the first
+    verify: int = 3  # front maps scored on held-out text (the lowest calibration KL ones)
     seed: int = 0
     # Machine
     device: str = "cpu"

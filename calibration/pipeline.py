@@ -8,7 +8,7 @@ import ctypes
 import os
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +80,19 @@ class Clock:
         return time.perf_counter() - self.start[0], time.process_time() - self.start[1]
 
 
+@dataclass
+class Setup:
+    model: torch.nn.Module
+    info: model_io.ModelInfo
+    options: list[FormatOption]
+    split: data.TokenSplit
+    measure_key: str  # what the measurements depend on: model, text, windows, dtype, block size
+
+    def sensitivity_windows(self, tokens: int, seq_len: int) -> torch.Tensor:
+        """The surrogate's windows: the first calibration windows."""
+        return self.split.calibration[: max(1, tokens // seq_len)]
+
+
 class Run:
     def __init__(self, opts: Options):
         check_options(opts)
@@ -89,7 +102,8 @@ class Run:
         self.cache = StepCache(self.cache_dir)
         self.clock = Clock()
 
-    def run(self) -> Path:
+    def setup(self) -> Setup:
+        """Threads, model, text, format options, evaluators: what every use of the measurements needs."""
         opts, clock = self.opts, self.clock
         reuse_freed_memory()
         if opts.device == "cpu":
@@ -105,56 +119,36 @@ class Run:
         _log(f"model {info.name}: {info.num_layers} layers, {info.num_kv_heads} KV heads, head size {info.head_dim}, "
              f"served in {info.dtype}, calibrated in {info.compute_dtype}; {split.calibration.numel()} calibration + "
              f"{split.heldout.numel()} held-out tokens; {len(options)} format options")
-        measure_key = digest(self._model_key(), self._text_key(), opts.tokens, opts.heldout_tokens, opts.seq_len,
-                             opts.seed, opts.device, str(info.compute_dtype), opts.block_size)
-        state_bytes = opts.state_mb << 20
-        self.calibration = Evaluator(model, split.calibration, opts.block_size, opts.batch_size,
-                                     ScoreStore(self.cache_dir / f"scores-calibration-{measure_key}.jsonl"),
-                                     info.compute_dtype, state_bytes, "score maps (calibration)")
-        self.heldout = Evaluator(model, split.heldout, opts.block_size, opts.batch_size,
-                                 ScoreStore(self.cache_dir / f"scores-heldout-{measure_key}.jsonl"),
-                                 info.compute_dtype, state_bytes // 4, "score maps (held-out)")
+        measure_key = self._evaluators(model, split, info)
+        return Setup(model, info, options, split, measure_key)
 
-        sens_windows = split.calibration[: max(1, opts.sensitivity_tokens // opts.seq_len)]
-        surrogate = self.cache.get("surrogate", digest(measure_key, opts.sensitivity_tokens, options), lambda: clock(
-            "surrogate", lambda: self._surrogate(model, sens_windows, options)), _log)
+    def surrogate(self, setup: Setup) -> sensitivity.Surrogate:
+        opts = self.opts
+        windows = setup.sensitivity_windows(opts.sensitivity_tokens, opts.seq_len)
+        key = digest(setup.measure_key, opts.sensitivity_tokens, setup.options)
+        return self.cache.get("surrogate", key, lambda: self.clock(
+            "surrogate", lambda: self._surrogate(setup.model, windows, setup.options)), _log)
+
+    def run(self) -> Path:
+        opts, clock = self.opts, self.clock
+        setup = self.setup()
+        info, options, split = setup.info, setup.options, setup.split
+        surrogate = self.surrogate(setup)
         fronts = {o: dp.exact_front(surrogate.table(o), COSTS) for o in options}
-        kept = self._screen(options, fronts)
-        allowed = pruning.allowed_pairs([surrogate.table(o) for o in kept], COSTS)
-        space = search.Space(kept, allowed, [surrogate.table(o) for o in kept], opts.budget, opts.band)
-        seeds = self._seeds(space, fronts)
-        for seed in seeds:  # a uniform seed may use a pair pruned on some layer: keep it a candidate as it is
-            allowed[np.arange(len(seed.layers)), list(seed.layers)] = True
-        digits = float(np.log10(allowed.sum(1)).sum()), allowed.shape[0] * np.log10(allowed.shape[1])
-        _log(f"[prune] {int(allowed.size - allowed.sum())} of {allowed.size} (layer, pair) choices removed: "
-             f"10^{digits[0]:.1f} instead of 10^{digits[1]:.1f} maps per option")
-
-        before = self.calibration.computed
-        found = clock("search", lambda: search.search(space, seeds, self._calibration_kl, opts.pop_size,
-                                                      opts.offspring, opts.generations, opts.seed))
-        archive = found.evaluated
-        states = self.calibration.states
-        stats = {"evaluated": len(archive), "new": self.calibration.computed - before,
-                 "layers_reused": states.layers_reused, "layers_run": states.layers_run}
-        _log(f"[search] {stats['evaluated']} maps evaluated ({stats['new']} new, the rest from the score store); "
-             f"prefix states saved {stats['layers_reused']} of {states.layers_reused + states.layers_run} layer runs")
-        scored = {c.key: self._scored(c, surrogate, "seed" if c.key in found.initial else "search")
-                  for c, _ in archive}
-        front = [scored[c.key] for c, _ in search.pareto_front(archive)]
-        uniform = [s for s in scored.values() if s.candidate.uniform]
-        pool = choose.build_pool(front, uniform, opts.budget, opts.verify)
+        space, seeds = self._space(options, fronts, surrogate)
+        evaluated, front, stats = self._search(space, seeds, surrogate)
+        pool = choose.build_pool(front, [s for s in evaluated if s.candidate.uniform], opts.budget, opts.verify)
         clock("held-out choice", lambda: self._score_heldout(pool.members))
         chosen = choose.choose(pool)
-        comparison = clock("scheme comparison", lambda: self._compare_schemes(
-            chosen, list(scored.values()), options, kept, surrogate))
-
+        comparison, extra = clock("scheme comparison", lambda: self._compare_schemes(
+            chosen, evaluated, options, space.options, surrogate))
         result = report.Result(
-            opts=asdict(opts), info=info, geometry=self.geometry, options=options, kept=kept,
-            surrogate=surrogate, fronts=fronts, allowed=allowed, seeds=seeds, evaluated=list(scored.values()),
+            opts=asdict(opts), info=info, geometry=self.geometry, options=options, kept=space.options,
+            surrogate=surrogate, fronts=fronts, allowed=space.allowed, seeds=seeds, evaluated=evaluated + extra,
             front=front, pool=pool, chosen=chosen, comparison=comparison,
             unquantized={"calibration": self.calibration.unquantized, "heldout": self.heldout.unquantized},
             tokens={"calibration": split.calibration.numel(), "heldout": split.heldout.numel(),
-                    "sensitivity": sens_windows.numel()},
+                    "sensitivity": setup.sensitivity_windows(opts.sensitivity_tokens, opts.seq_len).numel()},
             search_stats=stats, steps=clock.steps, total=clock.total(), threads=torch.get_num_threads(),
         )
         report.write(result, self.out)
@@ -164,6 +158,49 @@ class Run:
         return self.out / "precision_map.json"
 
     # -- steps --------------------------------------------------------------------------
+
+    def _evaluators(self, model, split: data.TokenSplit, info: model_io.ModelInfo) -> str:
+        """The calibration and held-out evaluators, each with its score store; returns the key of what the
+        measurements depend on (model, text, windows, dtype, block size)."""
+        opts = self.opts
+        measure_key = digest(self._model_key(), self._text_key(), opts.tokens, opts.heldout_tokens, opts.seq_len,
+                             opts.seed, opts.device, str(info.compute_dtype), opts.block_size)
+        state_bytes = opts.state_mb << 20
+        self.calibration = Evaluator(model, split.calibration, opts.block_size, opts.batch_size,
+                                     ScoreStore(self.cache_dir / f"scores-calibration-{measure_key}.jsonl"),
+                                     info.compute_dtype, state_bytes, "score maps (calibration)")
+        self.heldout = Evaluator(model, split.heldout, opts.block_size, opts.batch_size,
+                                 ScoreStore(self.cache_dir / f"scores-heldout-{measure_key}.jsonl"),
+                                 info.compute_dtype, state_bytes // 4, "score maps (held-out)")
+        return measure_key
+
+    def _space(self, options, fronts: dict, surrogate) -> tuple[search.Space, list[Candidate]]:
+        """Screened options, pruned pairs (a uniform seed keeps its pair on every layer) and the seeds."""
+        kept = self._screen(options, fronts)
+        tables = [surrogate.table(o) for o in kept]
+        space = search.Space(kept, pruning.allowed_pairs(tables, COSTS), tables, self.opts.budget, self.opts.band)
+        seeds = self._seeds(space, fronts)
+        for seed in seeds:
+            space.allowed[np.arange(len(seed.layers)), list(seed.layers)] = True
+        digits = float(np.log10(space.allowed.sum(1)).sum()), space.allowed.shape[0] * np.log10(len(SEARCH_PAIRS))
+        _log(f"[prune] {int(space.allowed.size - space.allowed.sum())} of {space.allowed.size} (layer, pair) choices "
+             f"removed: 10^{digits[0]:.1f} instead of 10^{digits[1]:.1f} maps per option")
+        return space, seeds
+
+    def _search(self, space: search.Space, seeds: list[Candidate], surrogate):
+        """(every map the search evaluated as Scored, the real front, search statistics)."""
+        opts, before = self.opts, self.calibration.computed
+        found = self.clock("search", lambda: search.search(space, seeds, self._calibration_kl, opts.pop_size,
+                                                           opts.offspring, opts.generations, opts.seed))
+        states = self.calibration.states
+        stats = {"evaluated": len(found.evaluated), "new": self.calibration.computed - before,
+                 "layers_reused": states.layers_reused, "layers_run": states.layers_run}
+        _log(f"[search] {stats['evaluated']} maps evaluated ({stats['new']} new, the rest from the score store); "
+             f"prefix states saved {stats['layers_reused']} of {states.layers_reused + states.layers_run} layer runs")
+        scored = {c.key: self._scored(c, surrogate, "seed" if c.key in found.initial else "search")
+                  for c, _ in found.evaluated}
+        front = [scored[c.key] for c, _ in search.pareto_front(found.evaluated)]
+        return list(scored.values()), front, stats
 
     def _surrogate(self, model, windows, options) -> sensitivity.Surrogate:
         captured = capture.capture_qkv(model, windows, self.opts.block_size)
@@ -175,11 +212,11 @@ class Run:
         option of every scheme (so the report can compare schemes on searched maps)."""
         max_cost = self.opts.budget * 2 * len(next(iter(fronts.values()))[0].layers)
         at_budget = {o: dp.best_within(fronts[o], max_cost).loss for o in options}
-        ranked = sorted(options, key=lambda o: at_budget[o])
+        ranked = sorted(options, key=lambda o: (at_budget[o], o))  # ties by name: the same order in every process
         kept = set(ranked[: self.opts.formats])
-        for scheme in {o.scheme for o in options}:
+        for scheme in sorted({o.scheme for o in options}):
             kept.add(min((o for o in options if o.scheme == scheme), key=lambda o: at_budget[o]))
-        kept = sorted(kept, key=lambda o: at_budget[o])
+        kept = sorted(kept, key=lambda o: (at_budget[o], o))
         _log(f"[screen] {len(kept)} of {len(options)} format options kept: " + "; ".join(
             f"{o.label} {at_budget[o]:.4f}{' (kept)' if o in kept else ''}" for o in ranked))
         return kept
@@ -212,17 +249,20 @@ class Run:
         for member, scores in zip(members, self.heldout.score_all([m.candidate for m in members]), strict=True):
             member.heldout = scores
 
-    def _compare_schemes(self, chosen: Scored, evaluated: list[Scored], options, kept, surrogate) -> list[dict]:
+    def _compare_schemes(self, chosen: Scored, evaluated: list[Scored], options, kept, surrogate):
         """Per scheme, the best map at equal average bits (searched maps within the budget) and at equal bytes per
-        token (searched maps, plus the exact surrogate front by bytes of each kept option, which may go above the
-        bit budget where a scheme's bytes allow it), by calibration KL, then scored on held-out."""
+        token (searched maps, plus exact surrogate front maps by bytes of the scheme's options, which may go above
+        the bit budget where the scheme's bytes allow it), by calibration KL, then scored on held-out.
+        Returns (rows, the extra maps scored)."""
         limit = self.geometry.bytes_per_token(chosen.candidate)
-        rows = []
+        rows, extras = [], []
         for scheme in sorted({o.scheme for o in kept}):
             mine = [s for s in evaluated if s.candidate.option.scheme == scheme]
             at_bits = [s for s in mine if s.candidate.avg_bits <= self.opts.budget + 1e-9]
+            known = {s.candidate.key for s in evaluated}
             extra = [self._scored(c, surrogate, "bytes")
-                     for c in self._byte_front_maps(scheme, options, surrogate, limit)]
+                     for c in self._byte_front_maps(scheme, options, surrogate, limit) if c.key not in known]
+            extras += extra
             at_bytes = [s for s in mine + extra if self.geometry.bytes_per_token(s.candidate) <= limit]
             row = {"scheme": scheme}
             for name, group in (("equal_bits", at_bits), ("equal_bytes", at_bytes)):
@@ -231,9 +271,9 @@ class Run:
                     self._score_heldout([best])
                     row[name] = best
             rows.append(row)
-        return rows
+        return rows, extras
 
-    def _byte_front_maps(self, scheme: str, options, surrogate, limit: int, count: int = 2) -> list[Candidate]:
+    def _byte_front_maps(self, scheme: str, options, surrogate, limit: int, count: int = 1) -> list[Candidate]:
         """The exact surrogate front by bytes of each option of the scheme, at `limit` bytes/token: the `count`
         options predicted best there, one map each."""
         found = []

@@ -30,6 +30,13 @@ def test_pool_takes_the_best_front_maps_within_the_budget_and_rules_out_bad_unif
         ("K4V2", "KV4"), ("KV2", "KV4")]
 
 
+def test_front_maps_that_cannot_win_are_not_scored():
+    front = [scored([KV4, K4V2], 0.1), scored([KV4, KV2], 0.15), scored([K4V2, KV2], 0.25)]
+    pool = choose.build_pool(front, [scored([K4V2] * 2, 0.18)], budget=4.0, verify=3)
+    assert [s.calibration.kl for s in pool.front] == [0.1, 0.15]  # 0.25 is over twice the lowest (0.1)
+    assert [u.calibration.kl for u in pool.uniform] == [0.18]
+
+
 def test_uniform_maps_within_twice_the_best_are_all_scored():
     uniform = [scored([KV4] * 2, 0.35), scored([K4V2] * 2, 0.3), scored([KV2] * 2, 0.61)]
     pool = choose.build_pool([], uniform, budget=4.0, verify=3)

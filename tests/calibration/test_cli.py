@@ -136,3 +136,11 @@ def test_python_dash_m_help():
     done = subprocess.run([sys.executable, "-m", "calibration", "--help"], capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parents[2])
     assert done.returncode == 0 and "--budget" in done.stdout and "--windows" in done.stdout
+
+
+def test_calibration_never_imports_vllm():
+    code = ("import sys, calibration.pipeline, calibration.cli, benchmarks.calibration.uniform_formats; "
+            "sys.exit('vllm' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from conftest import BLOCK
 
-from calibration import simulate
+from calibration import evaluate, simulate
 from calibration.common import SEARCH_PAIRS, Candidate, FormatOption, pair
 from calibration.evaluate import Evaluator, Reference, Scores, ScoreStore
 
@@ -54,6 +54,23 @@ def test_prefix_states_give_the_same_scores_as_full_forwards(tiny, windows, tmp_
     fresh = _evaluator(tiny, windows, tmp_path, state_bytes=0, name="fresh.jsonl")
     assert fresh.score(second) == evaluator.store[second.key]  # bit-identical without any reused state
     assert fresh.states.layers_reused == 0
+
+
+def test_scores_do_not_depend_on_how_many_positions_are_projected_at_once(tiny, windows, tmp_path, monkeypatch):
+    """Projecting 5 positions at a time changes the logits only by matmul rounding (d); KL and NLL move by at
+    most 2 * d per position, since each one's gradient in the logits sums to at most 2 in absolute value."""
+    model, _, info = tiny
+    candidate = Candidate(KIVI, (KV4, K4V2, KV2, KV8))
+    whole = _evaluator(tiny, windows, tmp_path).score(candidate)
+    monkeypatch.setattr(evaluate, "POSITIONS_PER_STEP", 5)  # 63 scored positions: 12 steps of 5 and one of 3
+    steps = _evaluator(tiny, windows, tmp_path, name="steps.jsonl").score(candidate)
+    with torch.inference_mode():
+        hidden = model.model(windows.calibration[:1], use_cache=False).last_hidden_state
+        full = model.lm_head(hidden)
+        chunked = torch.cat([model.lm_head(part) for part in hidden.split(5, dim=1)], dim=1)
+    d = float((full - chunked).abs().max())
+    assert abs(steps.kl - whole.kl) <= 2 * d + 1e-12 and abs(steps.nll - whole.nll) <= 2 * d + 1e-12
+    assert steps.kl > 0
 
 
 def test_more_bits_less_kl(tiny, windows, tmp_path):
