@@ -1,6 +1,7 @@
-"""Resumable step results in OUT_DIR/.cache: each step's output is saved under a hash of exactly
-the arguments it depends on, so a killed run restarted with the same arguments skips finished
-steps, and a run with another budget reuses the (expensive) measurements."""
+"""Resumable step results in the cache folder (--cache, default OUT_DIR/.cache): each step's output
+is saved under a hash of exactly the arguments it depends on, so a killed run restarted with the
+same arguments skips finished steps, and a run with another budget reuses the measurements. (Map
+scores have their own store, evaluate.ScoreStore, in the same folder.)"""
 
 from __future__ import annotations
 

@@ -1,41 +1,46 @@
-"""Step 1: what enters each layer's KV cache (K, V) and the queries that read it, plus the
-decoder layers' inputs for replaying the model from any layer on (sensitivity's KL pass)."""
+"""What the unquantized reference pass sees: each layer's query, key (post-RoPE) and value as
+they enter attention, and each decoder layer's input, so any suffix of layers can be rerun."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from calibration import simulate
 from calibration.errors import CalibrationError
+from kvtuner_vllm import format as kvformat
 
 
 @dataclass
 class LayerQKV:
-    query: torch.Tensor  # [windows, q_heads, tokens, head_dim], model dtype, on CPU
+    query: torch.Tensor  # [windows, q_heads, tokens, head_dim], compute dtype, on CPU
     key: torch.Tensor  # [windows, kv_heads, tokens, head_dim]
     value: torch.Tensor
     scaling: float
 
 
-def capture_qkv(model, windows: torch.Tensor, batch_size: int = 4) -> list[LayerQKV]:
-    """Q, K (post-RoPE) and V of every layer on the calibration windows, as the cache would see them."""
+def unquantized_formats(model) -> list[kvformat.LayerFormat]:
+    """Every layer at 16/16: the arithmetic of the served attention without quantization (the reference)."""
+    head_size = simulate.attention_modules(model)[0].head_dim
+    dtype = next(model.parameters()).dtype
+    fmt = kvformat.LayerFormat(16, 16, head_size, head_size, dtype)
+    return [fmt] * model.config.num_hidden_layers
+
+
+def capture_qkv(model, windows: torch.Tensor, block_size: int) -> list[LayerQKV]:
+    """Q, K and V of every layer on the windows in the unquantized reference pass."""
     modules = simulate.attention_modules(model)
     stored: dict[int, list[tuple[torch.Tensor, ...]]] = {i: [] for i in range(len(modules))}
 
-    def recorder(layer: int) -> simulate.KVHook:
-        def hook(query, key, value):
-            stored[layer].append((query.cpu(), key.cpu(), value.cpu()))
-            return key, value
-
-        return hook
+    def recorder(layer: int) -> simulate.Recorder:
+        return lambda query, key, value: stored[layer].append((query.cpu(), key.cpu(), value.cpu()))
 
     device = next(model.parameters()).device
-    with simulate.hooks(model, {i: recorder(i) for i in range(len(modules))}), torch.inference_mode():
-        for batch in tqdm(windows.split(batch_size), desc="capture K/V/Q", unit="batch", leave=False):
-            model.get_decoder()(batch.to(device), use_cache=False)
+    with simulate.served(model, unquantized_formats(model), block_size), \
+            simulate.recording(model, {i: recorder(i) for i in range(len(modules))}), torch.inference_mode():
+        for window in windows.split(1):
+            model.get_decoder()(window.to(device), use_cache=False)
     return [
         LayerQKV(*(torch.cat(parts) for parts in zip(*stored[i], strict=True)), scaling=float(modules[i].scaling))
         for i in range(len(modules))
@@ -52,22 +57,30 @@ def decoder_layers(model) -> torch.nn.ModuleList:
 
 @dataclass
 class Replay:
-    """Each decoder layer's call (hidden states in, keyword arguments) on a batch, to rerun layers l..L-1."""
+    """Each decoder layer's call (hidden states in, keyword arguments) on a batch, to rerun layers."""
 
     inputs: list[torch.Tensor]
     kwargs: list[dict]
 
-    def logits_from(self, model, start: int) -> torch.Tensor:
-        """Logits when layers start.. run again (with whatever hooks are set) from the stored input of `start`."""
-        hidden = self.inputs[start]
-        for layer, kwargs in zip(decoder_layers(model)[start:], self.kwargs[start:], strict=True):
-            out = layer(hidden, **kwargs)
+    def run(self, model, hidden: torch.Tensor, start: int, stop: int, keep=None) -> torch.Tensor:
+        """Layers start..stop-1 from `hidden` (with whatever formats are set); keep(layer, output) sees each output."""
+        for index in range(start, stop):
+            out = decoder_layers(model)[index](hidden, **self.kwargs[index])
             hidden = out[0] if isinstance(out, tuple) else out
+            if keep is not None:
+                keep(index, hidden)
+        return hidden
+
+    def logits(self, model, hidden: torch.Tensor) -> torch.Tensor:
         return model.lm_head(model.get_decoder().norm(hidden))
 
+    def logits_from(self, model, start: int) -> torch.Tensor:
+        """Logits when layers start.. run again from the stored input of `start`."""
+        return self.logits(model, self.run(model, self.inputs[start], start, len(self.inputs)))
 
-def capture_replay(model, batch: torch.Tensor) -> Replay:
-    """Record every decoder layer's input on one batch (the reference, unquantized pass)."""
+
+def capture_replay(model, batch: torch.Tensor, block_size: int) -> Replay:
+    """Record every decoder layer's input on one batch in the unquantized reference pass."""
     inputs, kwargs = [], []
 
     def pre_hook(module, args, kw):
@@ -76,7 +89,7 @@ def capture_replay(model, batch: torch.Tensor) -> Replay:
 
     handles = [layer.register_forward_pre_hook(pre_hook, with_kwargs=True) for layer in decoder_layers(model)]
     try:
-        with torch.inference_mode():
+        with simulate.served(model, unquantized_formats(model), block_size), torch.inference_mode():
             model.get_decoder()(batch.to(next(model.parameters()).device), use_cache=False)
     finally:
         for handle in handles:

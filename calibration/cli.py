@@ -1,7 +1,7 @@
 """kvtuner-calibrate: search a model's per-layer KV precision map, and handle maps.
 
-    kvtuner-calibrate MODEL_DIR --budget 4.0 --out OUT_DIR [--text FILE ...] [--group-size 64] ...
-    kvtuner-calibrate import-preset PRESET.yaml --group-size 64 --out map.json [--model NAME]
+    kvtuner-calibrate MODEL_DIR --budget 4.0 --out OUT_DIR [--cache DIR] [--text FILE ...] ...
+    kvtuner-calibrate import-preset PRESET.yaml [--group-size 64] --out map.json [--model NAME]
     kvtuner-calibrate export-preset map.json --out PRESET.yaml
     kvtuner-calibrate show MAP [--model MODEL_DIR]
 
@@ -24,40 +24,67 @@ def calibrate_parser() -> argparse.ArgumentParser:
     d = Options(model_dir="", budget=0, out_dir="")
     p = argparse.ArgumentParser(
         prog="kvtuner-calibrate",
-        description="Search a per-layer (key bits, value bits) map for MODEL_DIR under an average-bits budget. "
+        description="Search a per-layer (key bits, value bits) map and its format options (scheme, group size, "
+        "window) for MODEL_DIR under an average-bits budget, chosen on held-out text. "
         f"Other commands: {', '.join(COMMANDS)} (kvtuner-calibrate COMMAND -h).",
     )
     p.add_argument("model_dir", metavar="MODEL_DIR", help="Hugging Face causal LM folder")
-    p.add_argument("--budget", type=float, required=True, help="max average bits, (K + V) / 2 over layers, in [2, 16]")
-    p.add_argument("--out", dest="out_dir", required=True, help="output folder (also holds the resumable cache)")
+    p.add_argument("--budget", type=float, required=True,
+                   help="max average code bits, (K + V) / 2 over layers, in [2, 16]")
+    p.add_argument("--out", dest="out_dir", required=True, help="output folder")
+    p.add_argument("--cache", dest="cache_dir", default=None,
+                   help="measurement and score cache (default OUT/.cache); give several budgets the same one to reuse "
+                   "measurements")
     p.add_argument("--text", nargs="+", default=[], metavar="FILE",
                    help="calibration text: plain text or JSONL with a 'text' field (default: pydoc_data.topics)")
-    p.add_argument("--group-size", type=int, default=d.group_size, help="quantization group; the server's (default 64)")
-    p.add_argument("--tokens", type=int, default=d.tokens, help=f"calibration tokens (default {d.tokens})")
-    p.add_argument("--heldout-tokens", type=int, default=d.heldout_tokens, help=f"default {d.heldout_tokens}")
-    p.add_argument("--sensitivity-tokens", type=int, default=d.sensitivity_tokens,
-                   help=f"tokens of the per-layer KL pass, the slowest step (default {d.sensitivity_tokens})")
-    p.add_argument("--seq-len", type=int, default=d.seq_len, help=f"window length (default {d.seq_len})")
-    p.add_argument("--groups", type=int, default=d.groups, help=f"layer clusters searched (default {d.groups})")
-    p.add_argument("--verify", type=int, default=d.verify, help=f"front maps re-scored for real (default {d.verify})")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", default=d.device, choices=["cpu", "cuda"])
-    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
-                   help="model dtype (default: the checkpoint's)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: cores not busy with other work)")
+    fmt = p.add_argument_group("format options searched (one per map)")
+    fmt.add_argument("--schemes", nargs="+", default=d.schemes, help=f"default {' '.join(d.schemes)}")
+    fmt.add_argument("--group-sizes", nargs="+", type=int, default=d.group_sizes, help="channels per group")
+    fmt.add_argument("--windows", nargs="+", type=int, default=d.windows,
+                     help="full-precision window lengths R (residual_length; 0: none)")
+    fmt.add_argument("--key-group-sizes", nargs="+", type=int, default=d.key_group_sizes,
+                     help="kivi: positions per key group")
+    fmt.add_argument("--block-size", type=int, default=d.block_size, help="the server's block size (default 128)")
+    dat = p.add_argument_group("data")
+    dat.add_argument("--tokens", type=int, default=d.tokens, help=f"calibration tokens (default {d.tokens})")
+    dat.add_argument("--heldout-tokens", type=int, default=d.heldout_tokens, help=f"default {d.heldout_tokens}")
+    dat.add_argument("--sensitivity-tokens", type=int, default=d.sensitivity_tokens,
+                     help=f"tokens of the surrogate's measurements (default {d.sensitivity_tokens})")
+    dat.add_argument("--seq-len", type=int, default=d.seq_len, help=f"window length (default {d.seq_len})")
+    srch = p.add_argument_group("search")
+    srch.add_argument("--formats", type=int, default=d.formats,
+                      help=f"format options searched, the best by the surrogate (default {d.formats}) and each "
+                      "scheme's best")
+    srch.add_argument("--band", type=float, default=d.band,
+                      help=f"search maps with average bits in [budget - band, budget] (default {d.band})")
+    srch.add_argument("--seeds-per-format", type=int, default=d.seeds_per_format)
+    srch.add_argument("--pop-size", type=int, default=d.pop_size)
+    srch.add_argument("--offspring", type=int, default=d.offspring, help="new maps per generation")
+    srch.add_argument("--generations", type=int, default=d.generations)
+    srch.add_argument("--verify", type=int, default=d.verify,
+                      help=f"front maps scored on held-out text (default {d.verify})")
+    srch.add_argument("--seed", type=int, default=d.seed)
+    mach = p.add_argument_group("machine")
+    mach.add_argument("--device", default=d.device, choices=["cpu", "cuda"])
+    mach.add_argument("--dtype", default=d.dtype, choices=["bfloat16", "float16", "float32"],
+                      help="dtype of the forward passes (default float32: bf16 rounding noise would swamp small KLs)")
+    mach.add_argument("--batch-size", type=int, default=d.batch_size)
+    mach.add_argument("--state-mb", type=int, default=d.state_mb, help="memory for hidden states kept by map prefix")
+    mach.add_argument("--threads", type=int, default=None, help="CPU threads (default: cores not busy with other work)")
     return p
 
 
 def maps_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvtuner-calibrate", description="Precision map utilities.")
     sub = p.add_subparsers(dest="command", required=True)
-    imp = sub.add_parser("import-preset", help="KVTuner preset YAML -> v1 precision map JSON")
+    imp = sub.add_parser("import-preset", help="KVTuner preset YAML -> v2 precision map JSON (the scheme from the "
+                         "file name: <model>_pertoken_... or <model>_kivi_..., with KVTuner's kivi settings)")
     imp.add_argument("preset")
-    imp.add_argument("--group-size", type=int, default=64)
+    imp.add_argument("--group-size", type=int, default=64, help="group size of a pertoken preset (default 64)")
     imp.add_argument("--model", default=None, help="model name for the map (default: from the file name)")
     imp.add_argument("--out", required=True)
-    exp = sub.add_parser("export-preset", help="precision map (v1 or preset) -> KVTuner preset YAML")
+    exp = sub.add_parser("export-preset", help="precision map (v1, v2 or preset) -> KVTuner preset YAML (the bits; "
+                         "KVTuner's format names the scheme in the file name)")
     exp.add_argument("map")
     exp.add_argument("--out", required=True)
     show = sub.add_parser("show", help="average bits, pairs per layer, KV bytes per token, capacity vs unquantized")
@@ -85,10 +112,13 @@ def _run_maps(args: argparse.Namespace) -> None:
         if args.model:
             loaded.model = args.model
         loaded.save(args.out)
-        print(f"{args.out}: {loaded.num_layers} layers, average bits {loaded.avg_bits:.2f}")
+        print(f"{args.out}: {loaded.num_layers} layers, average bits {loaded.avg_bits:.2f}, {loaded.describe_format()}")
     elif args.command == "export-preset":
-        Path(args.out).write_text(PrecisionMap.load(args.map).to_kvtuner_yaml())
-        print(f"{args.out}: written")
+        loaded = PrecisionMap.load(args.map)
+        Path(args.out).write_text(loaded.to_kvtuner_yaml())
+        scheme = "kivi" if loaded.scheme == "kivi" else "pertoken"
+        print(f"{args.out}: written ({loaded.describe_format()}; KVTuner names the scheme in the file name: "
+              f"<model>_{scheme}_KVTuner<bits>_<n>.yaml)")
     else:
         show(PrecisionMap.load(args.map), args)
 

@@ -10,7 +10,6 @@ import torch
 
 from calibration import simulate
 from calibration.common import CalibrationError
-from kvtuner_vllm import format as kvformat
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
           "float32": torch.float32, "fp32": torch.float32}
@@ -22,7 +21,8 @@ class ModelInfo:
     num_layers: int
     num_kv_heads: int
     head_dim: int
-    dtype: torch.dtype
+    dtype: torch.dtype  # the checkpoint's: what the server runs and stores 16-bit layers in
+    compute_dtype: torch.dtype  # what calibration's forward passes run in (--dtype)
 
 
 def read_config(model_dir: str | Path) -> dict:
@@ -41,7 +41,7 @@ def read_config(model_dir: str | Path) -> dict:
     return config
 
 
-def model_info(config: dict, dtype: torch.dtype, name: str) -> ModelInfo:
+def model_info(config: dict, dtype: torch.dtype, name: str, compute_dtype: torch.dtype | None = None) -> ModelInfo:
     """The KV geometry of a decoder-only causal LM with standard K/V heads, or why it is unsupported."""
     archs = config.get("architectures") or []
     if config.get("is_encoder_decoder") or not any(a.endswith("ForCausalLM") for a in archs):
@@ -57,15 +57,18 @@ def model_info(config: dict, dtype: torch.dtype, name: str) -> ModelInfo:
         raise CalibrationError(f"unsupported architecture {archs}: config lacks standard attention fields") from None
     if config.get("kv_lora_rank") or config.get("q_lora_rank"):
         raise CalibrationError(f"unsupported architecture {archs}: latent (MLA) attention has no standard K/V heads")
-    return ModelInfo(name, layers, int(config.get("num_key_value_heads") or heads), head_dim, dtype)
+    return ModelInfo(name, layers, int(config.get("num_key_value_heads") or heads), head_dim, dtype,
+                     compute_dtype or dtype)
 
 
 def inspect(model_dir: str | Path, dtype: str | None = None):
-    """(tokenizer, ModelInfo) without loading weights, so bad input fails in a second, not after the load."""
+    """(tokenizer, ModelInfo) without loading weights, so bad input fails in a second, not after the load.
+    `dtype` is the compute dtype (default: the checkpoint's)."""
     from transformers import AutoTokenizer
 
     config = read_config(model_dir)
-    info = model_info(config, _dtype(dtype, config), Path(model_dir).resolve().name)
+    served = _dtype(None, config)
+    info = model_info(config, served, Path(model_dir).resolve().name, _dtype(dtype, config))
     if info.head_dim % 16:
         raise CalibrationError(f"unsupported head size {info.head_dim}: the packed format needs a multiple of 16")
     try:
@@ -82,7 +85,8 @@ def load_model(model_dir: str | Path, info: ModelInfo, device: str = "cpu"):
     if device == "cuda" and not torch.cuda.is_available():
         raise CalibrationError("--device cuda: no CUDA device is available")
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=info.dtype, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=info.compute_dtype,
+                                                     attn_implementation="sdpa")
     except (OSError, ValueError, KeyError) as err:
         raise CalibrationError(f"{model_dir}: transformers cannot load it ({str(err).splitlines()[0]})") from None
     model.to(device).eval()
@@ -97,15 +101,8 @@ def load(model_dir: str | Path, device: str = "cpu", dtype: str | None = None):
 
 
 def _dtype(name: str | None, config: dict) -> torch.dtype:
-    """--dtype, else the checkpoint's dtype (what the server runs), else bf16."""
+    """`name`, else the checkpoint's dtype (what the server runs), else bf16."""
     name = name or config.get("dtype") or config.get("torch_dtype") or "bfloat16"
     if name not in DTYPES:
         raise CalibrationError(f"unsupported dtype {name!r}: use one of {sorted(set(DTYPES))}")
     return DTYPES[name]
-
-
-def check_group_size(group_size: int, info: ModelInfo) -> None:
-    try:
-        kvformat.check_group_size(group_size, info.head_dim)
-    except ValueError as err:
-        raise CalibrationError(f"--group-size: {err}") from None

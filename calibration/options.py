@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from calibration.errors import CalibrationError
 
 MIN_BUDGET, MAX_BUDGET = 2.0, 16.0
+SCHEMES = ("per-token-group", "kivi")  # kvtuner_vllm.format.SCHEMES, without importing torch
 
 
 @dataclass
@@ -15,19 +16,32 @@ class Options:
     budget: float
     out_dir: str
     text: list[str] = field(default_factory=list)
-    group_size: int = 64
-    tokens: int = 1024  # calibration tokens (attention error, verification)
-    heldout_tokens: int = 1024
-    sensitivity_tokens: int = 256  # tokens of the per-layer KL pass (layers x pairs reruns)
-    seq_len: int = 256
-    groups: int = 16
-    verify: int = 6  # front points checked with real forward passes
+    cache_dir: str | None = None  # default OUT_DIR/.cache; share one between budgets to reuse measurements
+    # Format options searched (categorical, one per map)
+    schemes: list[str] = field(default_factory=lambda: list(SCHEMES))
+    group_sizes: list[int] = field(default_factory=lambda: [32, 64])
+    windows: list[int] = field(default_factory=lambda: [0, 32, 64])  # residual_length R
+    key_group_sizes: list[int] = field(default_factory=lambda: [32, 64])  # kivi G_t
+    block_size: int = 128  # the server's (vLLM --block-size): the window never leaves a block
+    # Data
+    tokens: int = 1024  # calibration tokens: every search evaluation runs on them
+    heldout_tokens: int = 2048  # held-out tokens: the choice among the front and the uniform maps
+    sensitivity_tokens: int = 512  # tokens of the surrogate's measurements
+    seq_len: int = 512
+    # Search
+    formats: int = 2  # options kept for the search (ranked by the exact surrogate front at the budget)
+    band: float = 1.0  # the search looks at maps with average bits in [budget - band, budget]
+    seeds_per_format: int = 2  # exact-front maps per kept option in the initial population
+    pop_size: int = 10
+    offspring: int = 6  # new maps per generation
+    generations: int = 3  # the initial population counts as the first
+    verify: int = 3  # front maps scored on held-out text (the lowest calibration KL ones)
     seed: int = 0
+    # Machine
     device: str = "cpu"
-    dtype: str | None = None
-    batch_size: int = 4
-    generations: int = 200
-    pop_size: int = 128
+    dtype: str | None = "float32"  # compute dtype; float32 keeps bf16 rounding noise out of the KL
+    batch_size: int = 2
+    state_mb: int = 1024  # memory for hidden states kept by map prefix (evaluate.PrefixStates)
     threads: int | None = None  # CPU threads; None: the cores not already busy (see cpu_threads)
 
 
@@ -36,8 +50,16 @@ def check_options(opts: Options) -> None:
         raise CalibrationError(
             f"--budget {opts.budget}: must be between {MIN_BUDGET:g} (KV2 everywhere) and {MAX_BUDGET:g} (unquantized)"
         )
-    for name in ("tokens", "heldout_tokens", "sensitivity_tokens", "seq_len", "groups", "verify", "batch_size"):
+    for name in ("tokens", "heldout_tokens", "sensitivity_tokens", "seq_len", "formats", "seeds_per_format", "verify",
+                 "batch_size", "block_size", "generations", "offspring"):
         if getattr(opts, name) < 1:
             raise CalibrationError(f"--{name.replace('_', '-')} must be at least 1")
+    if opts.pop_size < 4:
+        raise CalibrationError("--pop-size must be at least 4")
+    if opts.band <= 0:
+        raise CalibrationError("--band must be positive")
     if opts.sensitivity_tokens > opts.tokens:
         raise CalibrationError("--sensitivity-tokens cannot exceed --tokens (it uses the first calibration windows)")
+    unknown = [s for s in opts.schemes if s not in SCHEMES]
+    if unknown:
+        raise CalibrationError(f"--schemes: unknown {unknown}; use {list(SCHEMES)}")

@@ -1,21 +1,36 @@
-"""The calibration run: every step in order, each cached (cache.StepCache) under the arguments
-it depends on, with progress bars and a line per step saying what it did and how long it took."""
+"""The calibration run: every step in order, the expensive ones cached (the surrogate in a step
+cache, every map score in a score store), with progress bars and a line per step saying what it
+did, what it removed and how long it took (wall and CPU)."""
 
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from calibration import capture, clustering, data, evaluate, pruning, report, search, sensitivity
+from calibration import capture, choose, data, dp, pruning, report, search, sensitivity
 from calibration import model as model_io
 from calibration.cache import StepCache, digest, file_digest
-from calibration.common import CANDIDATE_PAIRS, SEARCH_PAIRS, CalibrationError, pair_bits
-from calibration.options import MAX_BUDGET, Options, check_options
-from kvtuner_vllm.precision_map import LayerPrecision
+from calibration.choose import Scored
+from calibration.common import (
+    SEARCH_PAIRS,
+    CalibrationError,
+    Candidate,
+    FormatOption,
+    Geometry,
+    format_options,
+    pair_cost,
+)
+from calibration.evaluate import Evaluator, ScoreStore
+from calibration.options import Options, check_options
+
+COSTS = [pair_cost(p) for p in SEARCH_PAIRS]
 
 
 def cpu_threads() -> int:
@@ -28,8 +43,54 @@ def cpu_threads() -> int:
     return max(1, min(cores, round(cores - os.getloadavg()[0])))
 
 
+def reuse_freed_memory() -> None:
+    """Keep freed memory in the process (glibc): the served attention allocates and frees tens of MB per layer, and
+    glibc's default returns each block to the OS, so every layer faulted its pages in again; this measured a third
+    of the CPU time of an evaluation as kernel time (SmolLM2, 1024 tokens: 1.45 s sys of 5.3 s; 0.08 s after)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 32 << 20)  # glibc's maximum: blocks below it come from the heap ...
+    libc.mallopt(m_trim_threshold, 1 << 30)  # ... which is not trimmed back to the OS after every free
+
+
 def _log(message: str) -> None:
     print(message, flush=True)
+
+
+class Clock:
+    """Wall and CPU seconds per step, for the log and the report."""
+
+    def __init__(self):
+        self.steps: dict[str, tuple[float, float]] = {}
+        self.start = (time.perf_counter(), time.process_time())
+
+    def __call__(self, label: str, fn):
+        wall, cpu = time.perf_counter(), time.process_time()
+        value = fn()
+        self.steps[label] = (time.perf_counter() - wall, time.process_time() - cpu)
+        _log(f"[{label}] {self.steps[label][0]:.1f}s wall, {self.steps[label][1]:.1f}s CPU")
+        return value
+
+    def total(self) -> tuple[float, float]:
+        return time.perf_counter() - self.start[0], time.process_time() - self.start[1]
+
+
+@dataclass
+class Setup:
+    model: torch.nn.Module
+    info: model_io.ModelInfo
+    options: list[FormatOption]
+    split: data.TokenSplit
+    measure_key: str  # what the measurements depend on: model, text, windows, dtype, block size
+
+    def sensitivity_windows(self, tokens: int, seq_len: int) -> torch.Tensor:
+        """The surrogate's windows: the first calibration windows."""
+        return self.split.calibration[: max(1, tokens // seq_len)]
 
 
 class Run:
@@ -37,69 +98,195 @@ class Run:
         check_options(opts)
         self.opts = opts
         self.out = Path(opts.out_dir)
-        self.cache = StepCache(self.out)
-        self.bits = [pair_bits(p) for p in SEARCH_PAIRS]
+        self.cache_dir = Path(opts.cache_dir) if opts.cache_dir else self.out / ".cache"
+        self.cache = StepCache(self.cache_dir)
+        self.clock = Clock()
 
-    def _timed(self, label: str, fn):
-        start = time.perf_counter()
-        value = fn()
-        _log(f"[{label}] {time.perf_counter() - start:.1f}s")
-        return value
-
-    def run(self) -> Path:
-        opts, start = self.opts, time.perf_counter()
+    def setup(self) -> Setup:
+        """Threads, model, text, format options, evaluators: what every use of the measurements needs."""
+        opts, clock = self.opts, self.clock
+        reuse_freed_memory()
         if opts.device == "cpu":
             torch.set_num_threads(opts.threads or cpu_threads())
             _log(f"CPU threads: {torch.get_num_threads()}")
         tokenizer, info = model_io.inspect(opts.model_dir, opts.dtype)
-        model_io.check_group_size(opts.group_size, info)
-        text = data.load_text(opts.text)
-        split = data.split_tokens(tokenizer, text, opts.tokens, opts.heldout_tokens, opts.seq_len, opts.seed)
-        model = self._timed("load model", lambda: model_io.load_model(opts.model_dir, info, opts.device))
-        _log(
-            f"model {info.name}: {info.num_layers} layers, {info.num_kv_heads} KV heads, head size {info.head_dim}, "
-            f"{info.dtype}; {split.calibration.numel()} calibration + {split.heldout.numel()} held-out tokens"
-        )
-        measure_key = digest(self._model_key(), self._text_key(), opts.group_size, opts.tokens, opts.heldout_tokens,
-                             opts.seq_len, opts.seed, opts.device, str(info.dtype))
-        sens_windows = split.calibration[: max(1, opts.sensitivity_tokens // opts.seq_len)]
+        options = format_options(info.head_dim, opts.block_size, opts.schemes, opts.group_sizes, opts.windows,
+                                 opts.key_group_sizes)
+        self.geometry = Geometry(info.head_dim, info.num_kv_heads, info.dtype)
+        split = data.split_tokens(tokenizer, data.load_text(opts.text), opts.tokens, opts.heldout_tokens,
+                                  opts.seq_len, opts.seed)
+        model = clock("load model", lambda: model_io.load_model(opts.model_dir, info, opts.device))
+        _log(f"model {info.name}: {info.num_layers} layers, {info.num_kv_heads} KV heads, head size {info.head_dim}, "
+             f"served in {info.dtype}, calibrated in {info.compute_dtype}; {split.calibration.numel()} calibration + "
+             f"{split.heldout.numel()} held-out tokens; {len(options)} format options")
+        measure_key = self._evaluators(model, split, info)
+        return Setup(model, info, options, split, measure_key)
 
-        attn = self.cache.get("attention-error", measure_key, lambda: self._timed(
-            "capture + attention error", lambda: sensitivity.attention_error(
-                capture.capture_qkv(model, split.calibration, opts.batch_size), SEARCH_PAIRS, opts.group_size)), _log)
-        kept = pruning.prune(attn, self.bits)
-        kl_key = digest(measure_key, opts.sensitivity_tokens, kept)
-        kl = self.cache.get("kl-sensitivity", kl_key, lambda: self._timed(
-            "KL sensitivity", lambda: self._kl_table(model, sens_windows, kept)), _log)
+    def surrogate(self, setup: Setup) -> sensitivity.Surrogate:
+        opts = self.opts
+        windows = setup.sensitivity_windows(opts.sensitivity_tokens, opts.seq_len)
+        key = digest(setup.measure_key, opts.sensitivity_tokens, setup.options)
+        return self.cache.get("surrogate", key, lambda: self.clock(
+            "surrogate", lambda: self._surrogate(setup.model, windows, setup.options)), _log)
 
-        labels = clustering.cluster_layers(clustering.profile_table(kl, attn), opts.groups)
-        candidates = clustering.group_candidates(kl, labels, kept, self.bits)
-        front = search.search(kl, self.bits, labels, candidates, opts.budget, opts.seed, opts.pop_size,
-                              opts.generations)
-        _log(f"[search] {len(front)} front points, {max(labels) + 1} layer groups")
-        if not front:
-            raise CalibrationError(f"no map fits --budget {opts.budget}")
-        # The surrogate front past the budget too (seconds, no forward pass): the plot shows what more bits buy.
-        whole = search.search(kl, self.bits, labels, candidates, MAX_BUDGET, opts.seed, opts.pop_size,
-                              opts.generations)
-
-        search_key = digest(kl_key, opts.groups, opts.budget, opts.pop_size, opts.generations, opts.verify)
-        verified = self.cache.get("verify", search_key, lambda: self._timed(
-            "verify front (calibration)", lambda: self._verify(model, split.calibration, front)), _log)
-        chosen = min(verified, key=lambda v: (v["calibration"]["kl"], v["avg_bits"]))
-
-        heldout = self._timed("held-out evaluation", lambda: self._heldout(model, split.heldout, verified, info,
-                                                                         measure_key))
+    def run(self) -> Path:
+        opts, clock = self.opts, self.clock
+        setup = self.setup()
+        info, options, split = setup.info, setup.options, setup.split
+        surrogate = self.surrogate(setup)
+        fronts = {o: dp.exact_front(surrogate.table(o), COSTS) for o in options}
+        space, seeds = self._space(options, fronts, surrogate)
+        evaluated, front, stats = self._search(space, seeds, surrogate)
+        pool = choose.build_pool(front, [s for s in evaluated if s.candidate.uniform], opts.budget, opts.verify)
+        clock("held-out choice", lambda: self._score_heldout(pool.members))
+        chosen = choose.choose(pool)
+        comparison, extra = clock("scheme comparison", lambda: self._compare_schemes(
+            chosen, evaluated, options, space.options, surrogate))
         result = report.Result(
-            opts=asdict(opts), info=info, pairs=SEARCH_PAIRS, attention_error=attn, kl=kl, kept=kept, labels=labels,
-            candidates=candidates, front=front, whole_front=whole, verified=verified, chosen=chosen, heldout=heldout,
+            opts=asdict(opts), info=info, geometry=self.geometry, options=options, kept=space.options,
+            surrogate=surrogate, fronts=fronts, allowed=space.allowed, seeds=seeds, evaluated=evaluated + extra,
+            front=front, pool=pool, chosen=chosen, comparison=comparison,
+            unquantized={"calibration": self.calibration.unquantized, "heldout": self.heldout.unquantized},
             tokens={"calibration": split.calibration.numel(), "heldout": split.heldout.numel(),
-                    "sensitivity": sens_windows.numel()},
-            wall_s=time.perf_counter() - start,
+                    "sensitivity": setup.sensitivity_windows(opts.sensitivity_tokens, opts.seq_len).numel()},
+            search_stats=stats, steps=clock.steps, total=clock.total(), threads=torch.get_num_threads(),
         )
         report.write(result, self.out)
-        _log(f"done in {time.perf_counter() - start:.0f}s: {self.out / 'precision_map.json'}")
+        wall, cpu = clock.total()
+        _log(f"done in {wall:.0f}s wall, {cpu:.0f}s CPU: {self.out / 'precision_map.json'} "
+             f"({chosen.candidate.name}, held-out KL {chosen.heldout.kl:.5f})")
         return self.out / "precision_map.json"
+
+    # -- steps --------------------------------------------------------------------------
+
+    def _evaluators(self, model, split: data.TokenSplit, info: model_io.ModelInfo) -> str:
+        """The calibration and held-out evaluators, each with its score store; returns the key of what the
+        measurements depend on (model, text, windows, dtype, block size)."""
+        opts = self.opts
+        measure_key = digest(self._model_key(), self._text_key(), opts.tokens, opts.heldout_tokens, opts.seq_len,
+                             opts.seed, opts.device, str(info.compute_dtype), opts.block_size)
+        state_bytes = opts.state_mb << 20
+        self.calibration = Evaluator(model, split.calibration, opts.block_size, opts.batch_size,
+                                     ScoreStore(self.cache_dir / f"scores-calibration-{measure_key}.jsonl"),
+                                     info.compute_dtype, state_bytes, "score maps (calibration)")
+        self.heldout = Evaluator(model, split.heldout, opts.block_size, opts.batch_size,
+                                 ScoreStore(self.cache_dir / f"scores-heldout-{measure_key}.jsonl"),
+                                 info.compute_dtype, state_bytes // 4, "score maps (held-out)")
+        return measure_key
+
+    def _space(self, options, fronts: dict, surrogate) -> tuple[search.Space, list[Candidate]]:
+        """Screened options, pruned pairs (a uniform seed keeps its pair on every layer) and the seeds."""
+        kept = self._screen(options, fronts)
+        tables = [surrogate.table(o) for o in kept]
+        space = search.Space(kept, pruning.allowed_pairs(tables, COSTS), tables, self.opts.budget, self.opts.band)
+        seeds = self._seeds(space, fronts)
+        for seed in seeds:
+            space.allowed[np.arange(len(seed.layers)), list(seed.layers)] = True
+        digits = float(np.log10(space.allowed.sum(1)).sum()), space.allowed.shape[0] * np.log10(len(SEARCH_PAIRS))
+        _log(f"[prune] {int(space.allowed.size - space.allowed.sum())} of {space.allowed.size} (layer, pair) choices "
+             f"removed: 10^{digits[0]:.1f} instead of 10^{digits[1]:.1f} maps per option")
+        return space, seeds
+
+    def _search(self, space: search.Space, seeds: list[Candidate], surrogate):
+        """(every map the search evaluated as Scored, the real front, search statistics)."""
+        opts, before = self.opts, self.calibration.computed
+        found = self.clock("search", lambda: search.search(space, seeds, self._calibration_kl, opts.pop_size,
+                                                           opts.offspring, opts.generations, opts.seed))
+        states = self.calibration.states
+        stats = {"evaluated": len(found.evaluated), "new": self.calibration.computed - before,
+                 "layers_reused": states.layers_reused, "layers_run": states.layers_run}
+        _log(f"[search] {stats['evaluated']} maps evaluated ({stats['new']} new, the rest from the score store); "
+             f"prefix states saved {stats['layers_reused']} of {states.layers_reused + states.layers_run} layer runs")
+        scored = {c.key: self._scored(c, surrogate, "seed" if c.key in found.initial else "search")
+                  for c, _ in found.evaluated}
+        front = [scored[c.key] for c, _ in search.pareto_front(found.evaluated)]
+        return list(scored.values()), front, stats
+
+    def _surrogate(self, model, windows, options) -> sensitivity.Surrogate:
+        captured = capture.capture_qkv(model, windows, self.opts.block_size)
+        replay = capture.capture_replay(model, windows, self.opts.block_size)
+        return sensitivity.measure(model, captured, replay, options, self.opts.block_size)
+
+    def _screen(self, options: list[FormatOption], fronts: dict) -> list[FormatOption]:
+        """The options searched: the `formats` best by the exact surrogate front at the budget, plus the best
+        option of every scheme (so the report can compare schemes on searched maps)."""
+        max_cost = self.opts.budget * 2 * len(next(iter(fronts.values()))[0].layers)
+        at_budget = {o: dp.best_within(fronts[o], max_cost).loss for o in options}
+        ranked = sorted(options, key=lambda o: (at_budget[o], o))  # ties by name: the same order in every process
+        kept = set(ranked[: self.opts.formats])
+        for scheme in sorted({o.scheme for o in options}):
+            kept.add(min((o for o in options if o.scheme == scheme), key=lambda o: at_budget[o]))
+        kept = sorted(kept, key=lambda o: (at_budget[o], o))
+        _log(f"[screen] {len(kept)} of {len(options)} format options kept: " + "; ".join(
+            f"{o.label} {at_budget[o]:.4f}{' (kept)' if o in kept else ''}" for o in ranked))
+        return kept
+
+    def _seeds(self, space: search.Space, fronts: dict) -> list[Candidate]:
+        """Uniform maps in the band (the Pareto set of each option's uniform maps by the surrogate) and exact-front
+        maps at `seeds_per_format` evenly spaced bit levels of the band, per kept option."""
+        num_layers, seeds = space.num_layers, []
+        for index, option in enumerate(space.options):
+            table = space.tables[index]
+            in_band = [i for i, c in enumerate(COSTS) if space.min_cost() <= c * num_layers <= space.max_cost()]
+            predicted = [table[:, i].sum() for i in in_band]
+            for j in pruning.pareto_indices([COSTS[i] for i in in_band], predicted):
+                seeds.append(Candidate.uniform_map(option, SEARCH_PAIRS[in_band[j]], num_layers))
+            steps = np.linspace(space.max_cost(), space.min_cost(), self.opts.seeds_per_format + 1)[:-1]
+            for cap in steps:
+                point = dp.best_within(fronts[option], cap)
+                if point is not None and point.cost >= space.min_cost():
+                    seeds.append(Candidate(option, point.layers))
+        return list({s.key: s for s in seeds}.values())
+
+    def _calibration_kl(self, candidates: list[Candidate]) -> list[float]:
+        return [s.kl for s in self.calibration.score_all(candidates)]
+
+    def _scored(self, candidate: Candidate, surrogate: sensitivity.Surrogate, origin: str) -> Scored:
+        return Scored(candidate, self.calibration.score(candidate),
+                      surrogate.predict(candidate.option, candidate.layers), origin)
+
+    def _score_heldout(self, members: list[Scored]) -> None:
+        for member, scores in zip(members, self.heldout.score_all([m.candidate for m in members]), strict=True):
+            member.heldout = scores
+
+    def _compare_schemes(self, chosen: Scored, evaluated: list[Scored], options, kept, surrogate):
+        """Per scheme, the best map at equal average bits (searched maps within the budget) and at equal bytes per
+        token (searched maps, plus exact surrogate front maps by bytes of the scheme's options, which may go above
+        the bit budget where the scheme's bytes allow it), by calibration KL, then scored on held-out.
+        Returns (rows, the extra maps scored)."""
+        limit = self.geometry.bytes_per_token(chosen.candidate)
+        rows, extras = [], []
+        for scheme in sorted({o.scheme for o in kept}):
+            mine = [s for s in evaluated if s.candidate.option.scheme == scheme]
+            at_bits = [s for s in mine if s.candidate.avg_bits <= self.opts.budget + 1e-9]
+            known = {s.candidate.key for s in evaluated}
+            extra = [self._scored(c, surrogate, "bytes")
+                     for c in self._byte_front_maps(scheme, options, surrogate, limit) if c.key not in known]
+            extras += extra
+            at_bytes = [s for s in mine + extra if self.geometry.bytes_per_token(s.candidate) <= limit]
+            row = {"scheme": scheme}
+            for name, group in (("equal_bits", at_bits), ("equal_bytes", at_bytes)):
+                if group:
+                    best = min(group, key=lambda s: (s.calibration.kl, s.candidate.avg_bits))
+                    self._score_heldout([best])
+                    row[name] = best
+            rows.append(row)
+        return rows, extras
+
+    def _byte_front_maps(self, scheme: str, options, surrogate, limit: int, count: int = 1) -> list[Candidate]:
+        """The exact surrogate front by bytes of each option of the scheme, at `limit` bytes/token: the `count`
+        options predicted best there, one map each."""
+        found = []
+        for option in (o for o in options if o.scheme == scheme):
+            per_layer = [self.geometry.num_kv_heads * option.layer_format(p, self.geometry.head_size,
+                                                                           self.geometry.dtype).bytes_per_token
+                         for p in SEARCH_PAIRS]
+            point = dp.best_within(dp.exact_front(surrogate.table(option), per_layer), limit)
+            if point is not None:
+                found.append((point.loss, Candidate(option, point.layers)))
+        return [c for _, c in sorted(found, key=lambda item: item[0])[:count]]
+
+    # -- cache keys -----------------------------------------------------------------
 
     def _model_key(self) -> list:
         folder = Path(self.opts.model_dir).resolve()
@@ -109,61 +296,5 @@ class Run:
     def _text_key(self) -> list:
         return [file_digest(path) for path in self.opts.text] or ["pydoc_data.topics"]
 
-    def _kl_table(self, model, windows: torch.Tensor, kept: list[list[int]]) -> torch.Tensor:
-        """Single-layer KL for the pairs that survived pruning (NaN elsewhere: never searched)."""
-        replay = capture.capture_replay(model, windows)
-        needed = sorted({p for row in kept for p in row})
-        measured = sensitivity.kl_sensitivity(model, replay, [SEARCH_PAIRS[p] for p in needed], self.opts.group_size,
-                                              only=[[needed.index(p) for p in row] for row in kept])
-        table = torch.full((len(kept), len(SEARCH_PAIRS)), float("nan"), dtype=torch.float64)
-        table[:, needed] = measured
-        return table
 
-    def _layers(self, point: search.FrontPoint) -> list[LayerPrecision]:
-        return [SEARCH_PAIRS[p] for p in point.layers]
-
-    def _verify(self, model, windows, front: list[search.FrontPoint]) -> list[dict]:
-        """Real calibration KL/PPL of the front points nearest the budget (the pick) and a spread below it."""
-        chosen = _spread(front, self.opts.verify)
-        evaluator = evaluate.Evaluator(model, windows, self.opts.batch_size)
-        results = []
-        for point in report.progress(chosen, "verify front"):
-            scores = evaluator.evaluate(self._layers(point), self.opts.group_size)
-            results.append({"layers": list(point.layers), "avg_bits": point.avg_bits, "surrogate": point.surrogate,
-                            "calibration": scores.as_dict()})
-        return results
-
-    def _heldout(self, model, windows, verified: list[dict], info, measure_key: str) -> dict:
-        """Held-out scores of bf16, every uniform candidate pair and every verified front point."""
-        maps = {"unquantized": [SEARCH_PAIRS[0]] * info.num_layers}
-        maps.update({p.label: [p] * info.num_layers for p in CANDIDATE_PAIRS})
-        maps.update({_map_name(v["layers"]): [SEARCH_PAIRS[i] for i in v["layers"]] for v in verified})
-        evaluator = None  # built on the first map not in the cache (its reference pass costs one forward)
-
-        def score(layers: list[LayerPrecision]) -> dict:
-            nonlocal evaluator
-            evaluator = evaluator or evaluate.Evaluator(model, windows, self.opts.batch_size)
-            bits = sum(pair_bits(p) for p in layers) / len(layers)
-            return {**evaluator.evaluate(layers, self.opts.group_size).as_dict(), "avg_bits": bits}
-
-        # One cache entry per map, so a run at another budget re-scores only its own front maps.
-        keys = {name: digest(measure_key, [p.label for p in layers]) for name, layers in maps.items()}
-        cached = sum(self.cache.path("heldout", key).exists() for key in keys.values())
-        _log(f"[heldout] cached {cached} of {len(maps)} maps")
-        return {
-            name: self.cache.get("heldout", keys[name], lambda layers=layers: score(layers), lambda _: None)
-            for name, layers in report.progress(list(maps.items()), "held-out evaluation")
-        }
-
-
-def _map_name(layers: list[int]) -> str:
-    return "map:" + ",".join(SEARCH_PAIRS[i].label for i in layers)
-
-
-def _spread(front: list[search.FrontPoint], count: int) -> list[search.FrontPoint]:
-    """Half the picks from the top of the front (the candidates at the budget), half spread below it."""
-    top = front[-max(1, count - count // 2):]
-    rest = front[: len(front) - len(top)]
-    step = max(1, len(rest) // max(1, count // 2))
-    spread = rest[::-1][::step][: count // 2]
-    return sorted(set(top) | set(spread), key=lambda p: p.avg_bits)
+__all__ = ["CalibrationError", "Run", "cpu_threads"]

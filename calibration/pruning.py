@@ -1,11 +1,13 @@
-"""Step 3: intra-layer pruning. A pair is worth searching only if no other pair of the same
-layer has fewer-or-equal bits and lower-or-equal error (with one strict): keep the Pareto set."""
+"""Intra-layer pruning: a pair is worth searching on a layer only if no other pair of that layer
+costs fewer-or-equal bits with lower-or-equal predicted loss (one strict): keep the Pareto set.
+The exact front never uses a dominated pair, so pruning only removes moves the search would
+waste real evaluations on."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
+import numpy as np
 
 
 def pareto_indices(bits: Sequence[float], errors: Sequence[float]) -> list[int]:
@@ -19,6 +21,10 @@ def pareto_indices(bits: Sequence[float], errors: Sequence[float]) -> list[int]:
     return [i for i in range(len(points)) if not any(dominates(j, i) for j in range(len(points)) if j != i)]
 
 
-def prune(table: torch.Tensor, bits: Sequence[float]) -> list[list[int]]:
-    """For each layer (row of `table`, errors per pair), the pair indices on its Pareto front."""
-    return [pareto_indices(bits, row.tolist()) for row in table]
+def allowed_pairs(tables: Sequence[np.ndarray], costs: Sequence[float]) -> np.ndarray:
+    """bool [layers, pairs]: the pair is on the layer's Pareto set under at least one option's table."""
+    allowed = np.zeros(tables[0].shape, dtype=bool)
+    for table in tables:
+        for layer, row in enumerate(table):
+            allowed[layer, pareto_indices(costs, row.tolist())] = True
+    return allowed

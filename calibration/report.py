@@ -1,12 +1,11 @@
-"""Step 7: the outputs in OUT_DIR: precision_map.json (v1, with a `calibration` record), the
-Pareto front (pareto.json, pareto.csv, pareto.png), sensitivity.png and report.md."""
+"""The outputs in OUT_DIR: precision_map.json (v2, with a `calibration` record), every evaluated
+map (pareto.json, pareto.csv), pareto.png, sensitivity.png and report.md."""
 
 from __future__ import annotations
 
 import csv
 import datetime
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,133 +13,173 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on a server
 import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
+import numpy as np  # noqa: E402
 
-from calibration.common import CANDIDATE_PAIRS, pair, pair_bits  # noqa: E402
+from calibration import dp  # noqa: E402
+from calibration.choose import Pool, Scored, uniform_check  # noqa: E402
+from calibration.common import SEARCH_PAIRS, FormatOption, Geometry  # noqa: E402
+from calibration.evaluate import Scores  # noqa: E402
 from calibration.model import ModelInfo  # noqa: E402
-from calibration.search import FrontPoint  # noqa: E402
-from kvtuner_vllm.precision_map import LayerPrecision, PrecisionMap, compact_ranges  # noqa: E402
+from calibration.sensitivity import Surrogate  # noqa: E402
+from kvtuner_vllm.precision_map import compact_ranges  # noqa: E402
 
-OBJECTIVE = "min mean next-token KL vs the unquantized model s.t. average bits <= budget (NSGA-II, pymoo)"
-
-
-def progress(items: Sequence, desc: str):
-    return tqdm(items, desc=desc, unit="map", leave=False)
+METHOD = ("kvtuner-calibrate: surrogate (attention error x per-layer KL scale) -> exact front by dynamic programming "
+          "-> NSGA-II (pymoo) on real forward passes (format.simulated_attention in every layer) -> lowest held-out KL "
+          "among the front and the uniform maps within the budget")
 
 
 @dataclass
 class Result:
     opts: dict
     info: ModelInfo
-    pairs: Sequence[LayerPrecision]
-    attention_error: torch.Tensor
-    kl: torch.Tensor
-    kept: list[list[int]]
-    labels: list[int]
-    candidates: list[list[int]]
-    front: list[FrontPoint]
-    whole_front: list[FrontPoint]  # the same search without the budget constraint (surrogate only)
-    verified: list[dict]
-    chosen: dict
-    heldout: dict
+    geometry: Geometry
+    options: list[FormatOption]
+    kept: list[FormatOption]
+    surrogate: Surrogate
+    fronts: dict  # option -> exact surrogate front (dp.FrontPoint, cost in K + V bits)
+    allowed: np.ndarray
+    seeds: list
+    evaluated: list[Scored]
+    front: list[Scored]
+    pool: Pool
+    chosen: Scored
+    comparison: list[dict]
+    unquantized: dict  # split -> Scores
     tokens: dict
-    wall_s: float
+    search_stats: dict  # evaluated, new, layers_reused, layers_run
+    steps: dict  # label -> (wall s, CPU s)
+    total: tuple[float, float]
+    threads: int
 
     @property
-    def chosen_layers(self) -> list[LayerPrecision]:
-        return [self.pairs[i] for i in self.chosen["layers"]]
-
-    @property
-    def chosen_name(self) -> str:
-        return "map:" + ",".join(p.label for p in self.chosen_layers)
+    def num_layers(self) -> int:
+        return self.info.num_layers
 
 
 def write(result: Result, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    precision_map(result).save(out / "precision_map.json")
-    write_front(result, out)
+    result.chosen.candidate.precision_map(result.info.name, calibration_record(result)).save(out / "precision_map.json")
+    rows = map_rows(result)
+    (out / "pareto.json").write_text(json.dumps(pareto_document(result, rows), indent=1) + "\n")
+    with open(out / "pareto.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
     plot_front(result, out / "pareto.png")
     plot_sensitivity(result, out / "sensitivity.png")
     (out / "report.md").write_text(markdown(result))
 
 
-def precision_map(result: Result) -> PrecisionMap:
-    heldout = result.heldout[result.chosen_name]
-    base = result.heldout["unquantized"]
-    opts = result.opts
-    calibration = {
-        "avg_bits": round(result.chosen["avg_bits"], 4),
+# -- records -----------------------------------------------------------------------------
+
+
+def _delta(scores: Scores, base: Scores) -> float:
+    return 100 * (scores.ppl / base.ppl - 1)
+
+
+def calibration_record(result: Result) -> dict:
+    chosen, opts = result.chosen, result.opts
+    base = result.unquantized["heldout"]
+    best_uniform = min((u for u in result.pool.uniform if u.candidate.avg_bits <= chosen.candidate.avg_bits + 1e-9),
+                       key=lambda u: u.heldout.kl, default=None)
+    return {
         "budget": opts["budget"],
-        "objective": OBJECTIVE,
-        "loss": heldout["kl"],
-        "heldout": {"kl": heldout["kl"], "ppl": heldout["ppl"], "ppl_unquantized": base["ppl"]},
-        "calibration_kl": result.chosen["calibration"]["kl"],
+        "avg_bits": round(chosen.candidate.avg_bits, 4),
+        **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.geometry.costs(chosen.candidate).items()
+           if k != "avg_bits"},
+        "heldout": {"kl": chosen.heldout.kl, "ppl": chosen.heldout.ppl, "ppl_unquantized": base.ppl,
+                    "ppl_delta_pct": round(_delta(chosen.heldout, base), 3)},
+        "best_uniform_heldout": None if best_uniform is None else {
+            "map": best_uniform.candidate.name, "kl": best_uniform.heldout.kl, "ppl": best_uniform.heldout.ppl},
+        "calibration_kl": chosen.calibration.kl,
+        "block_size": opts["block_size"],
         "tokens": result.tokens,
+        "seq_len": opts["seq_len"],
         "seed": opts["seed"],
-        "groups": max(result.labels) + 1,
-        "dtype": str(result.info.dtype).removeprefix("torch."),
+        "compute_dtype": str(result.info.compute_dtype).removeprefix("torch."),
         "text": opts["text"] or ["pydoc_data.topics"],
-        "method": "kvtuner-calibrate: attention-error pruning, Ward clustering, NSGA-II on summed single-layer KL",
+        "method": METHOD,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    return PrecisionMap(model=result.info.name, num_layers=result.info.num_layers, group_size=opts["group_size"],
-                        layers=result.chosen_layers, calibration=calibration)
 
 
-def _front_rows(result: Result) -> list[dict]:
-    verified = {tuple(v["layers"]): v for v in result.verified}
+def _layers_text(scored: Scored) -> str:
+    return " ".join(SEARCH_PAIRS[i].label for i in scored.candidate.layers)
+
+
+def map_rows(result: Result) -> list[dict]:
+    front = {s.candidate.key for s in result.front}
+    pool = {s.candidate.key for s in result.pool.members}
     rows = []
-    for point in result.front:
-        row = {"avg_bits": point.avg_bits, "surrogate_kl": point.surrogate,
-               "layers": " ".join(result.pairs[i].label for i in point.layers)}
-        if point.layers in verified:
-            name = "map:" + ",".join(result.pairs[i].label for i in point.layers)
-            calib, held = verified[point.layers]["calibration"], result.heldout[name]
-            row.update(calibration_kl=calib["kl"], calibration_ppl=calib["ppl"], heldout_kl=held["kl"],
-                       heldout_ppl=held["ppl"], chosen=list(point.layers) == result.chosen["layers"])
-        rows.append(row)
+    for s in sorted(result.evaluated, key=lambda s: (s.candidate.avg_bits, s.calibration.kl)):
+        costs = result.geometry.costs(s.candidate)
+        rows.append({
+            "option": s.candidate.option.label, "uniform": s.candidate.uniform,
+            "avg_bits": round(s.candidate.avg_bits, 4),
+            "bytes_per_token": costs["bytes_per_token"], "capacity": round(costs["capacity_vs_unquantized"], 3),
+            "ring_bytes_per_request": costs["ring_bytes_per_request"], "surrogate_kl": s.surrogate,
+            "calibration_kl": s.calibration.kl, "calibration_ppl": s.calibration.ppl,
+            "heldout_kl": s.heldout.kl if s.heldout else None, "heldout_ppl": s.heldout.ppl if s.heldout else None,
+            "origin": s.origin, "on_front": s.candidate.key in front, "held_out_pool": s.candidate.key in pool,
+            "chosen": s.candidate == result.chosen.candidate, "layers": _layers_text(s),
+        })
     return rows
 
 
-def write_front(result: Result, out: Path) -> None:
-    rows = _front_rows(result)
-    whole = [{"avg_bits": p.avg_bits, "surrogate_kl": p.surrogate} for p in result.whole_front]
-    document = {"budget": result.opts["budget"], "front": rows, "surrogate_front_any_budget": whole}
-    (out / "pareto.json").write_text(json.dumps(document, indent=2) + "\n")
-    fields = ["avg_bits", "surrogate_kl", "calibration_kl", "calibration_ppl", "heldout_kl", "heldout_ppl", "chosen",
-              "layers"]
-    with open(out / "pareto.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
+def pareto_document(result: Result, rows: list[dict]) -> dict:
+    return {
+        "budget": result.opts["budget"],
+        "unquantized": {split: scores.as_dict() for split, scores in result.unquantized.items()},
+        "chosen": result.chosen.candidate.key,
+        "evaluated": rows,
+        "exact_surrogate_fronts": {o.label: [{"avg_bits": p.cost / (2 * result.num_layers), "surrogate_kl": p.loss}
+                                             for p in result.fronts[o]] for o in result.kept},
+        "format_screen": {o.label: _at_budget(result, o) for o in result.options},
+        "kept_formats": [o.label for o in result.kept],
+        "steps": {label: {"wall_s": round(w, 2), "cpu_s": round(c, 2)} for label, (w, c) in result.steps.items()},
+    }
+
+
+def _at_budget(result: Result, option: FormatOption) -> float:
+    point = dp.best_within(result.fronts[option], result.opts["budget"] * 2 * result.num_layers)
+    return point.loss
+
+
+# -- plots ---------------------------------------------------------------------------------
 
 
 def plot_front(result: Result, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    beyond = [p for p in result.whole_front if result.opts["budget"] < p.avg_bits <= 8]
-    ax.plot([p.avg_bits for p in beyond], [p.surrogate for p in beyond], ".--", color="0.8",
-            label="surrogate front past the budget (not searched further)")
-    front = result.front
-    ax.plot([p.avg_bits for p in front], [p.surrogate for p in front], ".-", color="0.6",
-            label="NSGA-II front (surrogate: summed single-layer KL, calibration)")
-    verified = result.verified
-    names = ["map:" + ",".join(result.pairs[i].label for i in v["layers"]) for v in verified]
-    ax.plot([v["avg_bits"] for v in verified], [result.heldout[n]["kl"] for n in names], "o", color="C0",
-            label="front maps, held-out KL")
-    for p in CANDIDATE_PAIRS:
-        score = result.heldout[p.label]
-        ax.plot(score["avg_bits"], score["kl"], "s", color="C3")
-        ax.annotate(p.label, (score["avg_bits"], score["kl"]), textcoords="offset points", xytext=(4, 3), fontsize=8)
-    ax.plot([], [], "s", color="C3", label="uniform pairs, held-out KL")
-    chosen = result.heldout[result.chosen_name]
-    ax.plot(chosen["avg_bits"], chosen["kl"], "*", color="C2", markersize=16, label="chosen map, held-out KL")
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colors = {o: f"C{i}" for i, o in enumerate(result.kept)}
+    low = result.opts["budget"] - 2 * result.opts["band"]
+    for option in result.kept:
+        points = [p for p in result.fronts[option] if low <= p.cost / (2 * result.num_layers) <= 8]
+        ax.plot([p.cost / (2 * result.num_layers) for p in points], [p.loss for p in points], "-", lw=0.8,
+                color=colors[option], alpha=0.5, label=f"exact surrogate front, {option.label}")
+    for option in result.kept:
+        mine = [s for s in result.evaluated if s.candidate.option == option]
+        ax.plot([s.candidate.avg_bits for s in mine], [s.calibration.kl for s in mine], ".", color=colors[option],
+                alpha=0.6)
+    ax.plot([s.candidate.avg_bits for s in result.front], [s.calibration.kl for s in result.front], "-", color="0.2",
+            lw=1.2, label="front of real calibration KL (dots: every evaluated map)")
+    pool = result.pool.members
+    ax.plot([s.candidate.avg_bits for s in pool], [s.heldout.kl for s in pool], "o", mfc="none", color="0.2",
+            label="held-out KL of the pool")
+    for u in result.pool.uniform:
+        ax.plot(u.candidate.avg_bits, u.heldout.kl, "s", color=colors.get(u.candidate.option, "0.5"))
+    ax.plot([], [], "s", color="0.5", label="uniform maps, held-out KL")
+    chosen = result.chosen
+    ax.plot(chosen.candidate.avg_bits, chosen.heldout.kl, "*", color="C3", markersize=16,
+            label=f"chosen: {chosen.candidate.name}")
     ax.axvline(result.opts["budget"], color="0.3", linestyle=":", label=f"budget {result.opts['budget']:g}")
     ax.set_yscale("log")
-    ax.set_xlabel("average KV bits ((K + V) / 2 over layers)")
+    shown = [s.calibration.kl for s in result.evaluated] + [s.heldout.kl for s in pool]
+    ax.set_ylim(min(shown) / 3, max(shown) * 3)
+    ax.set_xlim(low, result.opts["budget"] + 2)
+    ax.set_xlabel("average code bits ((K + V) / 2 over layers)")
     ax.set_ylabel("mean next-token KL vs unquantized (nats)")
-    ax.set_title(f"{result.info.name}: KV precision vs loss (group size {result.opts['group_size']})")
-    ax.legend(fontsize=7)
+    ax.set_title(f"{result.info.name}: KV maps, budget {result.opts['budget']:g}")
+    ax.legend(fontsize=6.5)
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     fig.savefig(path, dpi=130)
@@ -148,129 +187,199 @@ def plot_front(result: Result, path: Path) -> None:
 
 
 def plot_sensitivity(result: Result, path: Path) -> None:
-    """Heatmap of single-layer KL (log10), pruned pairs blank, chosen pair outlined."""
-    pairs = list(range(1, len(result.pairs)))  # KV16 is the zero reference
-    table = torch.log10(result.kl[:, pairs].clamp(min=1e-9)).numpy()
-    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * len(pairs), 1.5 + 0.22 * len(result.kl)))
+    """Predicted single-layer KL (log10) under the chosen option; pruned pairs blank, chosen pair outlined."""
+    option = result.chosen.candidate.option
+    pairs = list(range(1, len(SEARCH_PAIRS)))  # KV16 is the zero reference
+    table = np.log10(np.clip(result.surrogate.table(option)[:, pairs], 1e-9, None))
+    table = np.where(result.allowed[:, pairs], table, np.nan)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * len(pairs), 1.5 + 0.22 * result.num_layers))
     image = ax.imshow(table, aspect="auto", cmap="magma_r")
-    fig.colorbar(image, ax=ax, label="log10 KL (one layer quantized)")
-    ax.set_xticks(range(len(pairs)), [result.pairs[i].label for i in pairs], rotation=45)
-    ax.set_yticks(range(len(result.kl)), [f"{i} (g{g})" for i, g in enumerate(result.labels)], fontsize=7)
-    for layer, choice in enumerate(result.chosen["layers"]):
+    fig.colorbar(image, ax=ax, label="log10 predicted KL (one layer quantized)")
+    ax.set_xticks(range(len(pairs)), [SEARCH_PAIRS[i].label for i in pairs], rotation=45)
+    ax.set_yticks(range(result.num_layers), [str(i) for i in range(result.num_layers)], fontsize=7)
+    for layer, choice in enumerate(result.chosen.candidate.layers):
         if choice in pairs:
             ax.add_patch(plt.Rectangle((pairs.index(choice) - 0.5, layer - 0.5), 1, 1, fill=False, color="C2", lw=2))
-    ax.set_xlabel("pair (blank: pruned, dominated on attention error)")
-    ax.set_ylabel("layer (cluster group)")
-    ax.set_title("Per-layer sensitivity (chosen pair outlined)")
+    ax.set_xlabel("pair (blank: pruned)")
+    ax.set_ylabel("layer")
+    ax.set_title(f"Surrogate sensitivity, {option.label}\n(chosen pair outlined)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def _row(name: str, score: dict, base: dict) -> str:
-    delta = 100 * (score["ppl"] / base["ppl"] - 1)
-    return f"| {name} | {score['avg_bits']:.2f} | {score['kl']:.5f} | {score['ppl']:.3f} | {delta:+.2f}% |"
+# -- report.md ------------------------------------------------------------------------------
 
 
-def target_check(result: Result) -> list[str]:
-    """The issue's targets, checked on held-out numbers."""
-    chosen = result.heldout[result.chosen_name]
-    base = result.heldout["unquantized"]
-    lines = []
-    for p in CANDIDATE_PAIRS:
-        score = result.heldout[p.label]
-        if score["avg_bits"] >= chosen["avg_bits"]:
-            beats = chosen["kl"] < score["kl"] and chosen["ppl"] < score["ppl"]
-            lines.append(f"- vs uniform {p.label} ({score['avg_bits']:g} bits): "
-                         f"{'beats it' if beats else 'does NOT beat it'} on held-out KL and PPL")
-    within = chosen["ppl"] <= 1.01 * base["ppl"]
-    lines.append(f"- held-out PPL {chosen['ppl']:.3f} vs unquantized {base['ppl']:.3f}: "
-                 f"{'within' if within else 'NOT within'} 1%")
+def _row(result: Result, name: str, s: Scored) -> str:
+    costs = result.geometry.costs(s.candidate)
+    base = result.unquantized["heldout"]
+    return (f"| {name} | {s.candidate.avg_bits:.3f} | {costs['bytes_per_token']} | "
+            f"{costs['capacity_vs_unquantized']:.2f}x | {s.calibration.kl:.5f} | {s.heldout.kl:.5f} | "
+            f"{s.heldout.ppl:.3f} | {_delta(s.heldout, base):+.2f}% |")
+
+
+def _spearman(x: list[float], y: list[float]) -> float:
+    rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
+    return float(np.corrcoef(rx, ry)[0, 1]) if len(x) > 2 else float("nan")
+
+
+def _comparison_lines(result: Result) -> list[str]:
+    lines = ["| scheme | at equal bits (<= budget) | held-out KL | at equal bytes/token (<= chosen's) | held-out KL |",
+             "|---|---|---|---|---|"]
+    for row in result.comparison:
+        cells = []
+        for name in ("equal_bits", "equal_bytes"):
+            s = row.get(name)
+            cells += ([f"{s.candidate.name}, {s.candidate.avg_bits:.2f} bits, "
+                       f"{result.geometry.bytes_per_token(s.candidate)} B/token", f"{s.heldout.kl:.5f}"]
+                      if s else ["-", "-"])
+        lines.append(f"| {row['scheme']} | " + " | ".join(cells) + " |")
+    for name, words in (("equal_bits", "equal bits"), ("equal_bytes", "equal bytes")):
+        ranked = sorted((r[name] for r in result.comparison if name in r), key=lambda s: s.heldout.kl)
+        if len(ranked) > 1:
+            best, runner_up = ranked[0], ranked[1]
+            lines.append(f"\nAt {words}: **{best.candidate.option.scheme}** wins, held-out KL {best.heldout.kl:.5f} vs "
+                         f"{runner_up.heldout.kl:.5f} ({runner_up.heldout.kl / best.heldout.kl:.2f}x) for "
+                         f"{runner_up.candidate.option.scheme}.")
     return lines
 
 
-def diagnosis(result: Result) -> list[str]:
-    """Facts from this run that bound what any map under the budget can reach (for when a target is missed)."""
-    lines = []
-    k4v8, k8v4 = result.heldout["K4V8"], result.heldout["K8V4"]
-    keys_dominate = k4v8["kl"] > k8v4["kl"]
-    side, other = ("keys", "values") if keys_dominate else ("values", "keys")
-    lines.append(
-        f"- {side.capitalize()} dominate the error: uniform K4V8 has held-out KL {k4v8['kl']:.4f}, K8V4 "
-        f"{k8v4['kl']:.4f} (both 6 bits); 4-bit {side} cost far more than 4-bit {other}."
-    )
-    rich = min((p for p in CANDIDATE_PAIRS if (p.key_bits if keys_dominate else p.value_bits) == 8), key=pair_bits)
-    lines.append(
-        f"- The cheapest pair with 8-bit {side} is {rich.label} ({pair_bits(rich):g} bits): under a "
-        f"{result.opts['budget']:g}-bit budget most layers must take 4-bit or 2-bit {side}."
-    )
-    column = result.kl[:, list(result.pairs).index(pair(4, 4))]
-    if not column.isnan().any() and float(column.min()) > 0:
-        lines.append(
-            f"- Single-layer KL of KV4 ranges {float(column.min()):.4f}-{float(column.max()):.4f} across layers "
-            f"(max/min {float(column.max() / column.min()):.1f}x): the flatter this profile, the less a layer-wise "
-            "map gains over a uniform one of the same size."
-        )
+def _option_lines(result: Result) -> list[str]:
+    """Every format option: the exact surrogate front's KL at the budget (what screening ranks) and, for the options
+    searched, the best searched map within the budget and the best uniform map, on calibration text."""
+    budget = result.opts["budget"] + 1e-9
+    lines = ["| option | predicted KL at the budget | searched | best searched map (<= budget) | calibration KL | "
+             "best uniform map | calibration KL |", "|---|---|---|---|---|---|---|"]
+    for option in sorted(result.options, key=lambda o: _at_budget(result, o)):
+        cells = [option.label, f"{_at_budget(result, option):.5f}", "yes" if option in result.kept else "no"]
+        mine = [s for s in result.evaluated if s.candidate.option == option and s.candidate.avg_bits <= budget
+                and s.origin != "bytes"]
+        if mine:
+            best = min(mine, key=lambda s: s.calibration.kl)
+            uniform = min((s for s in mine if s.candidate.uniform), key=lambda s: s.calibration.kl, default=None)
+            cells += [f"{best.candidate.avg_bits:.3f} bits, {result.geometry.bytes_per_token(best.candidate)} B/token",
+                      f"{best.calibration.kl:.5f}"]
+            cells += [uniform.candidate.pairs[0].label, f"{uniform.calibration.kl:.5f}"] if uniform else ["-", "-"]
+        else:
+            cells += ["-"] * 4
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _stage_lines(result: Result) -> list[str]:
+    opts = result.opts
+    removed = int(result.allowed.size - result.allowed.sum())
+    stats = result.search_stats
+    lines = [
+        f"- **Format options**: {len(result.options)} valid combinations of scheme {opts['schemes']}, group size "
+        f"{opts['group_sizes']}, window {opts['windows']}, kivi key group {opts['key_group_sizes']} (block size "
+        f"{opts['block_size']}); screening on the exact surrogate front at the budget kept {len(result.kept)} (the "
+        f"{opts['formats']} best and the best of each scheme; table above).",
+        f"- **Pruning**: {removed} of {result.allowed.size} (layer, pair) choices are dominated on every kept option's "
+        f"surrogate and never proposed by the search.",
+        f"- **Seeds**: {len(result.seeds)} maps (uniform maps in the band and exact-front maps of each kept option) "
+        f"start the search.",
+        f"- **Search**: {stats['evaluated']} maps evaluated for real on {result.tokens['calibration']} calibration "
+        f"tokens (population {opts['pop_size']}, {opts['offspring']} offspring per generation, "
+        f"{opts['generations']} generations, band "
+        f"[{opts['budget'] - opts['band']:g}, {opts['budget']:g}] bits), {stats['new']} computed in this run, the rest "
+        f"read from the score store. Of the {len(result.front)} maps on the front, "
+        f"{sum(s.origin == 'search' for s in result.front)} come from the search's offspring and "
+        f"{sum(s.origin == 'seed' for s in result.front)} from the initial population; the chosen map from "
+        f"{'the offspring' if result.chosen.origin == 'search' else 'the initial population'}. Prefix states saved "
+        f"{stats['layers_reused']} of {stats['layers_reused'] + stats['layers_run']} layer runs.",
+        f"- **Held-out pool**: {len(result.pool.front)} front maps (lowest calibration KL) and "
+        f"{len(result.pool.uniform)} uniform maps scored on {result.tokens['heldout']} held-out tokens; "
+        f"{len(result.pool.ruled_out)} uniform maps not scored (calibration KL over 2x that of the best uniform map "
+        "within the budget): " + (", ".join(f"{u.candidate.name} ({u.calibration.kl:.4f} vs {b.calibration.kl:.4f})"
+                                  for u, b in result.pool.ruled_out) or "none") + ".",
+    ]
+    surrogate = [s.surrogate for s in result.evaluated]
+    real = [s.calibration.kl for s in result.evaluated]
+    ratio = float(np.median(np.divide(real, surrogate)))
+    lines.append(f"- **Surrogate vs real**: Spearman rank correlation {_spearman(surrogate, real):.2f} over the "
+                 f"{len(real)} evaluated maps; median real/predicted KL {ratio:.2f}.")
     return lines
 
 
 def markdown(result: Result) -> str:
-    info, opts = result.info, result.opts
-    chosen_map = precision_map(result)
-    base = result.heldout["unquantized"]
-    chosen = result.heldout[result.chosen_name]
-    rows = [_row("unquantized (bf16)" if info.dtype == torch.bfloat16 else "unquantized", base, base),
-            _row(f"**chosen map** ({chosen['avg_bits']:.2f} bits)", chosen, base)]
-    uniform = sorted(CANDIDATE_PAIRS, key=lambda p: -(p.key_bits + p.value_bits))
-    rows += [_row(f"uniform {p.label}", result.heldout[p.label], base) for p in uniform]
+    info, opts, chosen = result.info, result.opts, result.chosen
+    base = result.unquantized["heldout"]
+    pool = sorted(result.pool.members, key=lambda s: (-s.candidate.avg_bits, s.heldout.kl))
+    rows = [f"| unquantized | 16 | {result.geometry.unquantized_bytes_per_token(result.num_layers)} | 1.00x | 0 | 0 | "
+            f"{base.ppl:.3f} | +0.00% |"]
+    rows += [_row(result, ("**chosen** " if s is chosen else "") + s.candidate.name, s) for s in pool]
+    checks = uniform_check(chosen, result.pool)
+    check_lines = [f"- vs {u.candidate.name}: {'beats' if kl else 'does NOT beat'} it on held-out KL, "
+                   f"{'beats' if ppl else 'does NOT beat'} it on held-out PPL" for u, kl, ppl in checks]
+    if not checks:
+        check_lines = ["- the chosen map is itself the best uniform map: no uniform map within the budget does better"]
+    chosen_map = chosen.candidate.precision_map(info.name)
     layout = "\n".join(f"| {p.label} | {len(ls)} | {compact_ranges(ls)} |" for p, ls in chosen_map.pairs().items())
-    front = "\n".join(
-        f"| {r['avg_bits']:.3f} | {r['surrogate_kl']:.5f} | {r['calibration_kl']:.5f} | {r['heldout_kl']:.5f} | "
-        f"{r['heldout_ppl']:.3f} | {'yes' if r['chosen'] else ''} |"
-        for r in _front_rows(result) if "heldout_kl" in r
-    )
-    summary = chosen_map.summary(info.head_dim, info.num_kv_heads, info.dtype)
-    checks = target_check(result)
-    why = ""
-    if any("NOT" in line for line in checks):
-        why = "\nWhat bounds the result on this model (measured in this run):\n" + "\n".join(diagnosis(result)) + "\n"
+    steps = "\n".join(f"| {label} | {w:.1f} | {c:.1f} |" for label, (w, c) in result.steps.items())
+    wall, cpu = result.total
+    text = ", ".join(opts["text"]) or "pydoc_data.topics (offline default)"
     return f"""# KV precision calibration: {info.name}
 
-Budget {opts['budget']:g} average bits, group size {opts['group_size']}, seed {opts['seed']}, {opts['device']}
-{str(info.dtype).removeprefix('torch.')}; text: {', '.join(opts['text']) or 'pydoc_data.topics (offline default)'};
-{result.tokens['calibration']} calibration tokens ({result.tokens['sensitivity']} for the per-layer KL pass),
-{result.tokens['heldout']} held-out tokens the search never saw. Wall time {result.wall_s:.0f} s.
+- Budget {opts['budget']:g} average code bits; served in {str(info.dtype).removeprefix('torch.')} with block size \
+{opts['block_size']}; forward passes in {str(info.compute_dtype).removeprefix('torch.')}.
+- Text: {text}; {result.tokens['calibration']} calibration tokens (windows of {opts['seq_len']}; \
+{result.tokens['sensitivity']} for the surrogate), {result.tokens['heldout']} held-out tokens the search never saw; \
+seed {opts['seed']}.
+- Time: {wall:.0f} s wall, {cpu:.0f} s CPU, {result.threads} torch thread(s).
 
-## Held-out results
+Every score runs the whole model with every layer's attention replaced by
+`kvtuner_vllm.format.simulated_attention` (what the server computes, prefill included), against
+the same model unquantized. KL: mean next-token KL(unquantized || map) in nats.
 
-Mean next-token KL against the unquantized model and perplexity, on held-out text, with every
-layer's K/V fake-quantized by `kvtuner_vllm.format.fake_quantize` (what the server stores).
+## Chosen map and the held-out pool
 
-| config | avg bits | KL (nats) | PPL | PPL vs unquantized |
-|---|---|---|---|---|
+The map written is the one with the lowest held-out KL among the front maps and the uniform maps
+within the budget: **{chosen.candidate.name}**, {result.geometry.bytes_per_token(chosen.candidate)} KV bytes/token
+({result.geometry.capacity(chosen.candidate):.2f}x the tokens of the unquantized cache), window rings
+{result.geometry.ring_bytes(chosen.candidate):,} bytes per running request.
+
+| map | avg bits | KV bytes/token | capacity | calibration KL | held-out KL | held-out PPL | PPL vs unquantized |
+|---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 
-Targets:
-{chr(10).join(checks)}
-{why}
-## Chosen map
+Against every uniform map with <= its bits (held-out):
+{chr(10).join(check_lines)}
+
+The choice is made on KL, the search's objective: perplexity moves by a few tenths of a percent
+between maps of nearly equal KL on {result.tokens['heldout']} tokens, so PPL differences that small are noise.
 
 ```
-{summary}
+{chosen_map.summary(info.head_dim, info.num_kv_heads, info.dtype)}
 ```
 
 | pair | layers | which |
 |---|---|---|
 {layout}
 
-## Pareto front (verified points)
+## Schemes compared
 
-NSGA-II front on the surrogate (sum of single-layer KL), the points nearest the budget and a spread
-below it re-scored with real forward passes; the map with the lowest real calibration KL is chosen.
-All {len(result.front)} front points are in pareto.json / pareto.csv; plot: pareto.png; per-layer
-sensitivity: sensitivity.png.
+The budget counts code bits as KVTuner does, but groups of 32 channels and kivi's per-channel key
+parameters cost bytes: so schemes are compared both at equal average bits and at equal KV bytes
+per token (at equal bytes a scheme with cheaper parameters may spend more code bits).
 
-| avg bits | surrogate KL | calibration KL | held-out KL | held-out PPL | chosen |
-|---|---|---|---|---|---|
-{front}
+{chr(10).join(_comparison_lines(result))}
+
+Every format option (scheme, group G, kivi key group Gt, window R): predicted by the surrogate, and
+measured on calibration text for the options searched:
+
+{chr(10).join(_option_lines(result))}
+
+## What each stage did
+
+{chr(10).join(_stage_lines(result))}
+
+| step | wall s | CPU s |
+|---|---|---|
+{steps}
+
+Every evaluated map (bits, bytes/token, capacity, window ring, surrogate, calibration and
+held-out scores) is in pareto.json / pareto.csv; plots: pareto.png, sensitivity.png.
 """
+

@@ -1,99 +1,154 @@
-"""Step 2: how much quantizing one layer alone, with one (K, V) pair, hurts.
+"""The surrogate: a predicted end-to-end KL for every layer, pair and format option, from cheap
+measurements, so that the exact front (dp) can seed the real search.
 
-Two measures per layer x pair, both with the served quantizer (format.fake_quantize):
-- attention-output error: ||attn(Q, K̂, V̂) - attn(Q, K, V)|| / ||attn(Q, K, V)|| on the captured
-  calibration tensors (cheap, all tokens): the paper's layer-wise sensitivity signal;
-- next-token KL: mean KL(p_ref || p_quant) of the final distribution when only that layer's cache
-  is quantized (the rest of the model rerun from that layer's stored input): what the search sums.
+    predicted KL(layer l, pair p, option f) = a_l * (e_K(l, p.key_bits, f)^2 + e_V(l, p.value_bits, f)^2)
+
+- e_K, e_V: relative attention-output error of layer l when only its keys (only its values) are
+  stored as option f says, with the served attention (format.simulated_attention: window, kivi
+  groups) on the captured reference Q/K/V. K and V errors are independent, so their squares add.
+  Keys depend on (scheme, group or key group, window), values on (group, window): measuring the
+  two sides apart costs |key configs| + |value configs| runs per bit width, not their product.
+- a_l: how much one layer's attention error costs at the output: the single-layer next-token KL
+  (layers after l rerun from l's stored input) of one reference (pair, option), divided by its
+  squared error. A small perturbation costs KL quadratic in its size, so one ratio per layer
+  carries over to the other pairs and options.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from calibration import simulate
+from calibration import capture, simulate
 from calibration.capture import LayerQKV, Replay
+from calibration.common import SEARCH_PAIRS, FormatOption, pair
+from calibration.evaluate import Reference
 from kvtuner_vllm import format as kvformat
-from kvtuner_vllm.precision_map import LayerPrecision
+
+QUANTIZED_BITS = (2, 4, 8)
+REFERENCE_PAIR = pair(4, 4)
+FLOOR = 1e-12  # squared errors below this count as zero when dividing
+QUERY_STRIDE = 4  # attention error over every 4th query position: a quarter of the cost
 
 
-def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
-    """Causal GQA attention in float32 (queries see their own keys, as in the served cache). No sliding
-    window: calibration windows (--seq-len, 256) are far shorter than any supported model's window."""
-    groups = query.shape[1] // key.shape[1]
-    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-    return F.scaled_dot_product_attention(query.float(), key.float(), value.float(), is_causal=True, scale=scaling)
+def key_config(option: FormatOption) -> tuple:
+    """What the key side of an option depends on."""
+    if option.scheme == kvformat.KIVI:
+        return (option.scheme, option.key_group_size, option.residual_length)
+    return (option.scheme, option.group_size, option.residual_length)
 
 
-def attention_error(
-    captured: Sequence[LayerQKV], pairs: Sequence[LayerPrecision], group_size: int, chunk: int = 4
-) -> torch.Tensor:
-    """Relative attention-output error, float64 [layers, pairs]."""
-    errors = torch.zeros(len(captured), len(pairs), dtype=torch.float64)
-    for layer, qkv in enumerate(tqdm(captured, desc="attention error", unit="layer", leave=False)):
-        for start in range(0, qkv.query.shape[0], chunk):
-            q, k, v = (t[start : start + chunk] for t in (qkv.query, qkv.key, qkv.value))
-            reference = _attend(q, k, v, qkv.scaling)
-            for index, p in enumerate(pairs):
-                k_hat = kvformat.fake_quantize(k, p.key_bits, group_size)
-                v_hat = kvformat.fake_quantize(v, p.value_bits, group_size)
-                diff = _attend(q, k_hat, v_hat, qkv.scaling) - reference
-                errors[layer, index] += diff.double().pow(2).sum()
-        errors[layer] = (errors[layer] / _sq_norm(captured[layer], chunk)).sqrt()
-    return errors
+def value_config(option: FormatOption) -> tuple:
+    return (option.group_size, option.residual_length)
 
 
-def _sq_norm(qkv: LayerQKV, chunk: int) -> float:
-    return sum(
-        _attend(*(t[s : s + chunk] for t in (qkv.query, qkv.key, qkv.value)), qkv.scaling).double().pow(2).sum().item()
-        for s in range(0, qkv.query.shape[0], chunk)
-    )
+@dataclass
+class Surrogate:
+    options: list[FormatOption]
+    key_error: np.ndarray  # [layers, key configs, bits]: squared relative attention error, keys only
+    value_error: np.ndarray  # [layers, value configs, bits]
+    key_configs: list[tuple]
+    value_configs: list[tuple]
+    scale: np.ndarray  # [layers]: a_l
+    reference_kl: np.ndarray  # [layers]: the single-layer KL that a_l comes from
+    reference_option: FormatOption
+
+    def squared_error(self, option: FormatOption) -> np.ndarray:
+        """[layers, SEARCH_PAIRS] summed squared K and V attention error under `option`."""
+        k, v = self.key_configs.index(key_config(option)), self.value_configs.index(value_config(option))
+        table = np.zeros((self.key_error.shape[0], len(SEARCH_PAIRS)))
+        for index, p in enumerate(SEARCH_PAIRS):
+            if p.key_bits in QUANTIZED_BITS:
+                table[:, index] += self.key_error[:, k, QUANTIZED_BITS.index(p.key_bits)]
+            if p.value_bits in QUANTIZED_BITS:
+                table[:, index] += self.value_error[:, v, QUANTIZED_BITS.index(p.value_bits)]
+        return table
+
+    def table(self, option: FormatOption) -> np.ndarray:
+        """[layers, SEARCH_PAIRS] predicted single-layer KL under `option`."""
+        return self.scale[:, None] * self.squared_error(option)
+
+    def predict(self, option: FormatOption, layers: Sequence[int]) -> float:
+        table = self.table(option)
+        return float(sum(table[layer, p] for layer, p in enumerate(layers)))
 
 
-def kl_divergence(reference_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """Per-position KL(p_ref || p) over the vocabulary, float32 [..., positions]."""
-    return Reference(reference_logits).kl(logits)
+def served_rows(qkv: LayerQKV, fmt: kvformat.LayerFormat, block_size: int, positions: torch.Tensor) -> torch.Tensor:
+    """The rows of format.simulated_attention at query `positions` only (the same rule, format.mixed_attention,
+    over the whole key range): [windows, q_heads, len(positions), head_dim] float32."""
+    kvformat.check_block_size(fmt, block_size)
+    key_hat = kvformat.fake_quantize_keys(qkv.key, fmt)
+    value_hat = kvformat.fake_quantize(qkv.value, fmt.value_bits, fmt.group_size)
+    return torch.stack([
+        kvformat.mixed_attention(q[:, positions], k, v, kh, vh, positions, block_size, fmt.window, qkv.scaling)
+        for q, k, v, kh, vh in zip(qkv.query, qkv.key, qkv.value, key_hat, value_hat)
+    ])
 
 
-class Reference:
-    """The unquantized next-token distribution, prepared once: KL against it then costs one log-softmax
-    (KL = sum p_ref log p_ref - sum p_ref log p), which halves the cost of the many KL evaluations."""
-
-    def __init__(self, logits: torch.Tensor):
-        log_probs = F.log_softmax(logits.float(), dim=-1)
-        self.probs = log_probs.exp()
-        self.neg_entropy = (self.probs * log_probs).sum(-1)
-
-    def kl(self, logits: torch.Tensor) -> torch.Tensor:
-        return self.neg_entropy - (self.probs * F.log_softmax(logits.float(), dim=-1)).sum(-1)
+def _relative_error(qkv: LayerQKV, fmt: kvformat.LayerFormat, exact: torch.Tensor, block_size: int,
+                    positions: torch.Tensor) -> float:
+    out = served_rows(qkv, fmt, block_size, positions)
+    return float((out - exact).double().pow(2).sum() / exact.double().pow(2).sum().clamp(min=FLOOR))
 
 
-def kl_sensitivity(
-    model,
-    replay: Replay,
-    pairs: Sequence[LayerPrecision],
-    group_size: int,
-    only: Sequence[Sequence[int]] | None = None,
-) -> torch.Tensor:
-    """Mean next-token KL against the unquantized model, float64 [layers, pairs], one layer quantized at a time.
-
-    `only[layer]` limits the pairs measured for that layer (the others are NaN): pruning's survivors.
-    """
-    num_layers = len(replay.inputs)
-    todo = [(layer, index) for layer in range(num_layers)
-            for index in (only[layer] if only is not None else range(len(pairs)))]
-    table = torch.full((num_layers, len(pairs)), float("nan"), dtype=torch.float64)
+def attention_errors(captured: Sequence[LayerQKV], options: Sequence[FormatOption], block_size: int,
+                     query_stride: int = QUERY_STRIDE):
+    """(key_error, value_error, key_configs, value_configs), see Surrogate. The error is taken over every
+    `query_stride`-th query position (attention costs queries x keys; every position still serves as a key)."""
+    key_configs = sorted({key_config(o) for o in options})
+    value_configs = sorted({value_config(o) for o in options})
+    key_sides = [next(o for o in options if key_config(o) == c) for c in key_configs]
+    value_sides = [next(o for o in options if value_config(o) == c) for c in value_configs]
+    key_error = np.zeros((len(captured), len(key_configs), len(QUANTIZED_BITS)))
+    value_error = np.zeros((len(captured), len(value_configs), len(QUANTIZED_BITS)))
     with torch.inference_mode():
-        reference = Reference(replay.logits_from(model, 0))
-        for layer, index in tqdm(todo, desc="KL sensitivity", unit="run", leave=False):
-            p = pairs[index]
-            if (p.key_bits, p.value_bits) == (16, 16):
-                table[layer, index] = 0.0
-                continue
-            with simulate.quantized(model, {layer: p}, group_size):
-                table[layer, index] = reference.kl(replay.logits_from(model, layer)).mean()
-    return table
+        for layer, qkv in enumerate(tqdm(captured, desc="attention error", unit="layer", leave=False)):
+            head_size, dtype = qkv.key.shape[-1], qkv.key.dtype
+            positions = torch.arange(query_stride - 1, qkv.key.shape[-2], query_stride)
+            unquantized = kvformat.LayerFormat(16, 16, head_size, head_size, dtype)
+            exact = served_rows(qkv, unquantized, block_size, positions)
+            for b, bits in enumerate(QUANTIZED_BITS):
+                for c, option in enumerate(key_sides):
+                    fmt = option.layer_format(pair(bits, 16), head_size, dtype)
+                    key_error[layer, c, b] = _relative_error(qkv, fmt, exact, block_size, positions)
+                for c, option in enumerate(value_sides):
+                    fmt = option.layer_format(pair(16, bits), head_size, dtype)
+                    value_error[layer, c, b] = _relative_error(qkv, fmt, exact, block_size, positions)
+    return key_error, value_error, key_configs, value_configs
+
+
+def single_layer_kl(model, replay: Replay, formats: Sequence[kvformat.LayerFormat], block_size: int) -> np.ndarray:
+    """[layers] mean next-token KL against the reference when only layer l uses formats[l]."""
+    reference_formats = capture.unquantized_formats(model)
+    kl = np.zeros(len(formats))
+    with torch.inference_mode():
+        with simulate.served(model, reference_formats, block_size):
+            reference = Reference(replay.logits_from(model, 0)[:, :-1])
+        for layer in tqdm(range(len(formats)), desc="single-layer KL", unit="layer", leave=False):
+            served = {**dict(enumerate(reference_formats)), layer: formats[layer]}
+            with simulate.served(model, served, block_size):
+                kl[layer] = float(reference.kl(replay.logits_from(model, layer)[:, :-1]).mean())
+    return kl
+
+
+def measure(model, captured: Sequence[LayerQKV], replay: Replay, options: Sequence[FormatOption],
+            block_size: int) -> Surrogate:
+    key_error, value_error, key_configs, value_configs = attention_errors(captured, options, block_size)
+    surrogate = Surrogate(list(options), key_error, value_error, key_configs, value_configs,
+                          scale=np.ones(len(captured)), reference_kl=np.zeros(len(captured)),
+                          reference_option=options[0])
+    # The reference option: the one where KV4 errs most (the clearest single-layer signal).
+    column = SEARCH_PAIRS.index(REFERENCE_PAIR)
+    reference = max(options, key=lambda o: surrogate.squared_error(o)[:, column].mean())
+    head_size, dtype = captured[0].key.shape[-1], captured[0].key.dtype
+    fmt = reference.layer_format(REFERENCE_PAIR, head_size, dtype)
+    kl = single_layer_kl(model, replay, [fmt] * len(captured), block_size)
+    squared = surrogate.squared_error(reference)[:, column]
+    surrogate.scale = np.maximum(kl, 0.0) / np.maximum(squared, FLOOR)
+    surrogate.reference_kl = kl
+    surrogate.reference_option = reference
+    return surrogate

@@ -1,11 +1,29 @@
-"""Fixtures of the calibration tests: the shared tiny random Llama (tests/conftest.py), loaded once."""
+"""Fixtures of the calibration tests: the shared tiny random Llama (tests/conftest.py), loaded once.
+
+The tiny model's windows are 64 tokens and the simulated server's block size 32, so every window
+spans two blocks and the window rule (R = 16) and kivi key groups (G_t = 16) all take effect.
+"""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from calibration import data
 from calibration import model as model_io
+
+BLOCK = 32
+SEQ_LEN = 64
+TEXT_CHARS = 60_000  # enough for the windows below; tokenizing all 465k characters takes seconds
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """The machine runs other work: one torch thread avoids OpenMP spin-waiting on busy cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
@@ -22,4 +40,5 @@ def tiny(tiny_dir):
 @pytest.fixture(scope="session")
 def windows(tiny):
     _, tokenizer, _ = tiny
-    return data.split_tokens(tokenizer, data.default_text(), tokens=128, heldout_tokens=64, seq_len=32, seed=0)
+    text = data.default_text()[:TEXT_CHARS]
+    return data.split_tokens(tokenizer, text, tokens=128, heldout_tokens=128, seq_len=SEQ_LEN, seed=0)

@@ -4,21 +4,30 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
+from conftest import TEXT_CHARS
 
-from calibration import cli
+from calibration import cli, data
+from kvtuner_vllm.map_resolution import PRESET_DIR
 from kvtuner_vllm.precision_map import PrecisionMap
 
-PRESETS = Path(__file__).resolve().parents[2].parent / "shared/reference/kvtuner-presets"
-SMALL = ["--tokens", "128", "--heldout-tokens", "64", "--sensitivity-tokens", "64", "--seq-len", "64",
-         "--groups", "2", "--verify", "2", "--threads", "1"]
+SMALL = ["--tokens", "128", "--heldout-tokens", "128", "--sensitivity-tokens", "64", "--seq-len", "64",
+         "--block-size", "32", "--windows", "0", "16", "--key-group-sizes", "16", "--formats", "2",
+         "--pop-size", "6", "--offspring", "4", "--generations", "2", "--seeds-per-format", "2", "--verify", "2",
+         "--threads", "1"]
 OUTPUTS = ["precision_map.json", "pareto.json", "pareto.csv", "pareto.png", "sensitivity.png", "report.md"]
 
 
 @pytest.fixture(scope="module")
-def calibrated(tiny_dir, tmp_path_factory):
+def text(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "pydoc.txt"
+    path.write_text(data.default_text()[:TEXT_CHARS])
+    return path
+
+
+@pytest.fixture(scope="module")
+def calibrated(tiny_dir, text, tmp_path_factory):
     out = tmp_path_factory.mktemp("calibrated")
-    assert cli.main([str(tiny_dir), "--budget", "4.0", "--out", str(out), *SMALL]) == 0
+    assert cli.main([str(tiny_dir), "--budget", "4.0", "--out", str(out), "--text", str(text), *SMALL]) == 0
     return out
 
 
@@ -26,28 +35,54 @@ def test_writes_every_output(calibrated):
     for name in OUTPUTS:
         assert (calibrated / name).stat().st_size > 0, name
     loaded = PrecisionMap.load(calibrated / "precision_map.json")
-    assert loaded.num_layers == 4 and loaded.group_size == 64 and loaded.model == "tiny-llama-h64"
-    assert loaded.avg_bits <= 4.0
+    assert loaded.num_layers == 4 and loaded.model == "tiny-llama-h64" and loaded.avg_bits <= 4.0
+    assert loaded.format == "kvtuner-precision-map/v2" and loaded.calibration["budget"] == 4.0
     assert loaded.calibration["avg_bits"] == pytest.approx(loaded.avg_bits, abs=1e-3)
-    assert loaded.calibration["budget"] == 4.0 and "heldout" in loaded.calibration
-    front = json.loads((calibrated / "pareto.json").read_text())["front"]
-    assert front and all(p["avg_bits"] <= 4.0 for p in front)
-    assert sum(bool(p.get("chosen")) for p in front) == 1
     report = (calibrated / "report.md").read_text()
-    for label in ["KV8", "K8V4", "K4V8", "KV4", "K8V2", "K4V2", "K2V4", "KV2", "chosen map", "unquantized"]:
-        assert label in report
+    for heading in ["Chosen map and the held-out pool", "Schemes compared", "What each stage did", "uniform KV4"]:
+        assert heading in report
 
 
-def test_rerun_resumes_from_the_cache(calibrated, tiny_dir, capsys):
-    before = (calibrated / "precision_map.json").read_text()
-    assert cli.main([str(tiny_dir), "--budget", "4.0", "--out", str(calibrated), *SMALL]) == 0
+def test_chosen_map_is_the_best_held_out_and_beats_no_uniform_map(calibrated):
+    """On this run's own held-out numbers: the chosen map has the lowest held-out KL of the pool, so no uniform
+    map with <= its bits does better; the map file is that map."""
+    document = json.loads((calibrated / "pareto.json").read_text())
+    rows = document["evaluated"]
+    pool = [r for r in rows if r["held_out_pool"]]
+    (chosen,) = [r for r in rows if r["chosen"]]
+    assert chosen["held_out_pool"] and chosen["avg_bits"] <= 4.0
+    assert chosen["heldout_kl"] == min(r["heldout_kl"] for r in pool)
+    uniform = [r for r in pool if r["uniform"] and r["avg_bits"] <= chosen["avg_bits"]]
+    assert uniform and all(chosen["heldout_kl"] <= r["heldout_kl"] for r in uniform)
+    loaded = PrecisionMap.load(calibrated / "precision_map.json")
+    assert " ".join(p.label for p in loaded.layers) == chosen["layers"]
+    assert loaded.calibration["heldout"]["kl"] == chosen["heldout_kl"]
+    uniform_kv4 = {r["option"] for r in rows if r["uniform"] and r["layers"].startswith("KV4 ")}
+    assert uniform_kv4 == set(document["kept_formats"])  # every searched option's uniform KV4 was a candidate
+    searched = [r for r in rows if r["origin"] != "bytes"]
+    assert all(3.0 - 1e-9 <= r["avg_bits"] <= 4.0 for r in searched)  # the band [budget - 1, budget]
+
+
+def test_rerun_resumes_from_the_cache(calibrated, tiny_dir, text, capsys):
+    before = json.loads((calibrated / "precision_map.json").read_text())
+    capsys.readouterr()
+    assert cli.main([str(tiny_dir), "--budget", "4.0", "--out", str(calibrated), "--text", str(text), *SMALL]) == 0
     log = capsys.readouterr().out
-    for step in ["attention-error", "kl-sensitivity", "verify"]:
-        assert f"[{step}] cached" in log
-    assert "[heldout] cached 11 of 11 maps" in log  # bf16, 8 uniform pairs, 2 verified front maps
-    after = (calibrated / "precision_map.json").read_text()
-    strip = lambda text: {k: v for k, v in json.loads(text).items() if k != "calibration"}  # noqa: E731
-    assert strip(before) == strip(after)
+    assert "[surrogate] cached" in log and "(0 new, the rest from the score store)" in log
+    after = json.loads((calibrated / "precision_map.json").read_text())
+    for document in (before, after):
+        del document["calibration"]["created"]
+    assert before == after
+
+
+def test_second_budget_reuses_the_measurements(calibrated, tiny_dir, text, tmp_path, capsys):
+    capsys.readouterr()
+    out = tmp_path / "b3"
+    argv = [str(tiny_dir), "--budget", "3.25", "--out", str(out), "--cache", str(calibrated / ".cache"), "--text",
+            str(text), *SMALL]
+    assert cli.main(argv) == 0
+    assert "[surrogate] cached" in capsys.readouterr().out
+    assert PrecisionMap.load(out / "precision_map.json").avg_bits <= 3.25
 
 
 def _error(argv, capsys) -> str:
@@ -63,10 +98,15 @@ def test_bad_inputs(tiny_dir, tmp_path, capsys):
     assert "no config.json" in _error([str(tmp_path), "--budget", "4", "--out", out], capsys)
     assert "must be between 2" in _error([str(tiny_dir), "--budget", "1.5", "--out", out], capsys)
     assert "must be between 2" in _error([str(tiny_dir), "--budget", "17", "--out", out], capsys)
+    assert "unknown" in _error([str(tiny_dir), "--budget", "4", "--out", out, "--schemes", "nf4"], capsys)
     short = tmp_path / "short.txt"
     short.write_text("far too short\n" * 3)
     assert "text too short" in _error([str(tiny_dir), "--budget", "4", "--out", out, "--text", str(short)], capsys)
-    assert "group size" in _error([str(tiny_dir), "--budget", "4", "--out", out, "--group-size", "48"], capsys)
+    assert "no valid format option" in _error([str(tiny_dir), "--budget", "4", "--out", out, "--group-sizes", "48"],
+                                              capsys)
+    # kivi key groups must divide the block size and fit in the window
+    assert "no valid format option" in _error([str(tiny_dir), "--budget", "4", "--out", out, "--schemes", "kivi",
+                                               "--windows", "16", "--key-group-sizes", "32"], capsys)
 
 
 def test_unsupported_architecture(tmp_path, capsys):
@@ -77,22 +117,30 @@ def test_unsupported_architecture(tmp_path, capsys):
     assert "unsupported architecture" in _error([str(model), "--budget", "4", "--out", str(tmp_path / "o")], capsys)
 
 
-def test_import_export_show(tmp_path, tiny_dir, capsys):
-    preset = PRESETS / "Qwen2.5-7B-Instruct_pertoken_KVTuner4_0.yaml"
-    assert cli.main(["import-preset", str(preset), "--group-size", "64", "--out", str(tmp_path / "m.json")]) == 0
-    loaded = PrecisionMap.load(tmp_path / "m.json")
-    assert loaded.model == "Qwen2.5-7B-Instruct" and loaded.num_layers == 28
-    assert cli.main(["export-preset", str(tmp_path / "m.json"), "--out", str(tmp_path / "p.yaml")]) == 0
-    assert yaml.safe_load((tmp_path / "p.yaml").read_text()) == yaml.safe_load(preset.read_text())
+@pytest.mark.parametrize("preset,described", [
+    ("Qwen2.5-7B-Instruct_pertoken_KVTuner4_0.yaml", "per-token groups of 64 channels; no full-precision window"),
+    ("Qwen2.5-7B-Instruct_kivi_KVTuner4_0.yaml", "kivi: keys per channel over 32 positions"),
+])
+def test_show_imported_preset(preset, described, tmp_path, tiny_dir, capsys):
+    out = tmp_path / "m.json"
+    assert cli.main(["import-preset", str(PRESET_DIR / preset), "--out", str(out)]) == 0
     capsys.readouterr()
-    assert cli.main(["show", str(tmp_path / "m.json"), "--head-size", "128", "--kv-heads", "4"]) == 0
+    assert cli.main(["show", str(out), "--head-size", "128", "--kv-heads", "4"]) == 0
     shown = capsys.readouterr().out
-    assert "average bits 4.00" in shown and "KV bytes/token" in shown
+    assert described in shown and "KV bytes/token" in shown and "Qwen2.5-7B-Instruct, 28 layers" in shown
     # a map for another layer count is refused against a model
-    assert "layers" in _error(["show", str(tmp_path / "m.json"), "--model", str(tiny_dir)], capsys)
+    assert "layers" in _error(["show", str(out), "--model", str(tiny_dir)], capsys)
 
 
 def test_python_dash_m_help():
     done = subprocess.run([sys.executable, "-m", "calibration", "--help"], capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parents[2])
-    assert done.returncode == 0 and "--budget" in done.stdout
+    assert done.returncode == 0 and "--budget" in done.stdout and "--windows" in done.stdout
+
+
+def test_calibration_never_imports_vllm():
+    code = ("import sys, calibration.pipeline, calibration.cli, benchmarks.calibration.uniform_formats; "
+            "sys.exit('vllm' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr

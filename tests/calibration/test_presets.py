@@ -1,4 +1,5 @@
-"""The KVTuner preset YAML import/export, on all 32 presets published with the paper."""
+"""The KVTuner preset YAML import/export, on the 32 presets published with the paper (bundled in
+kvtuner_vllm/presets: 16 `pertoken`, 16 `kivi`)."""
 
 import re
 from pathlib import Path
@@ -6,56 +7,37 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kvtuner_vllm.precision_map import PrecisionMap, PrecisionMapError
+from calibration import cli
+from kvtuner_vllm.map_resolution import PRESET_DIR
+from kvtuner_vllm.precision_map import KVTUNER_KIVI, PrecisionMap
 
-PRESETS = Path(__file__).resolve().parents[2].parent / "shared/reference/kvtuner-presets"
+NAME = re.compile(r"^(?P<model>.+)_(?P<scheme>pertoken|kivi)_KVTuner(?P<budget>\d+)_(?P<n>\d)$")
 
 
 def preset_files() -> list[Path]:
-    files = sorted(PRESETS.glob("*.yaml"))
-    assert len(files) == 32, f"expected the 32 KVTuner presets in {PRESETS}, found {len(files)}"
-    return files
+    return sorted(PRESET_DIR.glob("*_KVTuner*.yaml"))
 
 
-def readme_avg_bits() -> dict[str, float]:
-    """{file stem: average bits} from the README table (columns: kivi 4_0, kivi 4_1, pertoken 4_0, pertoken 4_1)."""
-    table = {}
-    columns = ["kivi_KVTuner4_0", "kivi_KVTuner4_1", "pertoken_KVTuner4_0", "pertoken_KVTuner4_1"]
-    for line in (PRESETS / "README.md").read_text().splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 6 and re.fullmatch(r"\d+", cells[1]):
-            for column, value in zip(columns, cells[2:], strict=True):
-                table[f"{cells[0]}_{column}"] = float(value)
-    return table
-
-
-def test_presets_dir_is_there():
-    assert PRESETS.is_dir(), f"{PRESETS} is missing: the KVTuner preset fixtures are required"
-    assert len(readme_avg_bits()) == 16
+def test_all_32_presets_are_bundled():
+    names = [NAME.match(p.stem) for p in preset_files()]
+    assert len(names) == 32 and all(names)
+    assert sorted(m["scheme"] for m in names).count("kivi") == 16
 
 
 @pytest.mark.parametrize("path", preset_files(), ids=lambda p: p.stem)
-def test_round_trip(path, tmp_path):
+def test_import_export_round_trip(path, tmp_path):
     raw = yaml.safe_load(path.read_text())
-    if "_pertoken_" in path.stem:
-        loaded = PrecisionMap.load(path, group_size=64)
-        assert loaded.model == path.stem.split("_")[0]
-    else:
-        # KIVI presets were searched for per-channel keys, which the server does not serve: `load`
-        # refuses them, but the data imports (e.g. to compare layer profiles) through the parser.
-        with pytest.raises(PrecisionMapError, match="kivi"):
-            PrecisionMap.load(path, group_size=64)
-        loaded = PrecisionMap.from_kvtuner_preset(raw, group_size=64)
-    assert loaded.group_size == 64
+    name = NAME.match(path.stem)
+    out = tmp_path / "map.json"
+    assert cli.main(["import-preset", str(path), "--group-size", "64", "--out", str(out)]) == 0
+    loaded = PrecisionMap.load(out)
+    assert loaded.model == name["model"] and loaded.format == "kvtuner-precision-map/v2"
+    expected = KVTUNER_KIVI if name["scheme"] == "kivi" else {"scheme": "per-token-group", "group_size": 64,
+                                                               "key_group_size": 0, "residual_length": 0}
+    assert loaded.format_options == expected
     assert [(p.key_bits, p.value_bits) for p in loaded.layers] == [
         (raw[i]["nbits_key"], raw[i]["nbits_value"]) for i in range(len(raw))
     ]
-    # v1 JSON -> back
-    (tmp_path / "map.json").write_text(loaded.to_json())
-    again = PrecisionMap.load(tmp_path / "map.json")
-    assert again == loaded
-    # -> KVTuner YAML: the same per-layer bits as the original file
-    assert yaml.safe_load(again.to_kvtuner_yaml()) == raw
-    expected = readme_avg_bits().get(path.stem)
-    if expected is not None:
-        assert round(loaded.avg_bits, 2) == expected
+    assert loaded.avg_bits <= int(name["budget"])  # KVTuner<budget>: searched under that many average bits
+    assert cli.main(["export-preset", str(out), "--out", str(tmp_path / "back.yaml")]) == 0
+    assert yaml.safe_load((tmp_path / "back.yaml").read_text()) == raw

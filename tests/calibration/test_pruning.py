@@ -1,4 +1,4 @@
-import torch
+import numpy as np
 
 from calibration import pruning
 
@@ -15,6 +15,10 @@ def test_more_bits_with_more_error_is_dropped_and_ties_keep_the_first():
     assert pruning.pareto_indices([8, 4, 4], [0.3, 0.2, 0.2]) == [1]
 
 
-def test_prune_rows():
-    table = torch.tensor([[0.0, 0.1, 0.4], [0.0, 0.5, 0.4]])
-    assert pruning.prune(table, [16, 8, 4]) == [[0, 1, 2], [0, 2]]
+def test_allowed_pairs_is_the_union_over_options():
+    costs = [16, 8, 4]
+    first = np.array([[0.0, 0.1, 0.4], [0.0, 0.5, 0.4]])  # layer 1: 8 bits worse than 4 bits
+    second = np.array([[0.0, 0.1, 0.05], [0.0, 0.5, 0.4]])  # layer 0: 8 bits worse than 4 bits
+    assert pruning.allowed_pairs([first], costs).tolist() == [[True, True, True], [True, False, True]]
+    assert pruning.allowed_pairs([second], costs).tolist() == [[True, False, True], [True, False, True]]
+    assert pruning.allowed_pairs([first, second], costs).tolist() == [[True, True, True], [True, False, True]]

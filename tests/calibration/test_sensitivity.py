@@ -1,40 +1,77 @@
+import numpy as np
+import pytest
 import torch
+from conftest import BLOCK
 
 from calibration import capture, sensitivity
-from calibration.common import SEARCH_PAIRS, pair
+from calibration.common import SEARCH_PAIRS, FormatOption, pair
+from kvtuner_vllm import format as kvformat
 
-KV16, KV8, KV4, KV2 = pair(16, 16), pair(8, 8), pair(4, 4), pair(2, 2)
+OPTIONS = [
+    FormatOption("per-token-group", 32, 0, 0),
+    FormatOption("per-token-group", 32, 0, 16),
+    FormatOption("per-token-group", 64, 0, 16),
+    FormatOption("kivi", 32, 16, 16),
+]
 
 
-def test_attention_error_orders_bit_widths_on_every_layer(tiny, windows):
+@pytest.fixture(scope="module")
+def measured(tiny, windows):
+    model, _, _ = tiny
+    ids = windows.calibration[:1]
+    captured = capture.capture_qkv(model, ids, BLOCK)
+    replay = capture.capture_replay(model, ids, BLOCK)
+    return captured, replay, sensitivity.measure(model, captured, replay, OPTIONS, BLOCK)
+
+
+@pytest.mark.parametrize("stride", [1, 3])
+def test_served_rows_are_rows_of_simulated_attention(measured, stride):
+    captured, _, _ = measured
+    qkv = captured[1]
+    fmt = OPTIONS[3].layer_format(pair(2, 4), qkv.key.shape[-1], qkv.key.dtype)
+    positions = torch.arange(stride - 1, qkv.key.shape[-2], stride)
+    full = kvformat.simulated_attention(qkv.query, qkv.key, qkv.value, fmt, BLOCK, qkv.scaling)
+    torch.testing.assert_close(sensitivity.served_rows(qkv, fmt, BLOCK, positions), full[:, :, positions],
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_errors_fall_with_bits_and_with_the_window(measured):
+    _, _, surrogate = measured
+    k, v = surrogate.key_error, surrogate.value_error  # [layers, configs, bits 2/4/8]
+    assert (k[:, :, 0] > k[:, :, 1]).all() and (k[:, :, 1] > k[:, :, 2]).all()
+    assert (v[:, :, 0] > v[:, :, 1]).all() and (v[:, :, 1] > v[:, :, 2]).all()
+    no_window = surrogate.key_configs.index(sensitivity.key_config(OPTIONS[0]))
+    window = surrogate.key_configs.index(sensitivity.key_config(OPTIONS[1]))
+    assert (k[:, window] < k[:, no_window]).all()  # recent keys read in full precision: less error
+
+
+def test_table_is_scale_times_summed_k_and_v_error(measured):
+    _, _, surrogate = measured
+    for option in OPTIONS:
+        table = surrogate.table(option)
+        assert (table[:, SEARCH_PAIRS.index(pair(16, 16))] == 0).all()
+        k = surrogate.key_error[:, surrogate.key_configs.index(sensitivity.key_config(option)), 1]
+        v = surrogate.value_error[:, surrogate.value_configs.index(sensitivity.value_config(option)), 0]
+        np.testing.assert_allclose(table[:, SEARCH_PAIRS.index(pair(4, 2))], surrogate.scale * (k + v), rtol=1e-12)
+        layers = [SEARCH_PAIRS.index(pair(4, 4))] * len(table)
+        assert surrogate.predict(option, layers) == pytest.approx(table[:, layers[0]].sum())
+
+
+def test_scale_reproduces_the_measured_single_layer_kl(tiny, measured):
+    """a_l is fit so that the reference pair's predicted KL is the measured one, on every layer."""
     model, _, info = tiny
-    captured = capture.capture_qkv(model, windows.calibration, batch_size=2)
-    assert len(captured) == info.num_layers
-    assert captured[0].key.shape == (windows.calibration.shape[0], info.num_kv_heads, windows.calibration.shape[1], 64)
-    errors = sensitivity.attention_error(captured, [KV16, KV8, KV4, KV2], 64)
-    assert errors.shape == (info.num_layers, 4)
-    assert (errors[:, 0] == 0).all()
-    assert (errors[:, 1] < errors[:, 2]).all() and (errors[:, 2] < errors[:, 3]).all()
+    _, replay, surrogate = measured
+    assert surrogate.reference_option == max(
+        OPTIONS, key=lambda o: surrogate.squared_error(o)[:, SEARCH_PAIRS.index(pair(4, 4))].mean())
+    fmt = surrogate.reference_option.layer_format(sensitivity.REFERENCE_PAIR, info.head_dim, torch.float32)
+    kl = sensitivity.single_layer_kl(model, replay, [fmt] * info.num_layers, BLOCK)
+    assert (kl > 0).all()
+    np.testing.assert_allclose(kl, surrogate.reference_kl, rtol=0, atol=0)
+    predicted = surrogate.table(surrogate.reference_option)[:, SEARCH_PAIRS.index(sensitivity.REFERENCE_PAIR)]
+    np.testing.assert_allclose(predicted, kl, rtol=1e-9)
 
 
-def test_kl_sensitivity_per_layer(tiny, windows):
+def test_unquantized_single_layer_kl_is_zero(tiny, measured):
     model, _, info = tiny
-    replay = capture.capture_replay(model, windows.calibration[:2])
-    with torch.inference_mode():
-        assert torch.equal(replay.logits_from(model, 0), model(windows.calibration[:2], use_cache=False).logits)
-    only = [[0, 1, 2]] * (info.num_layers - 1) + [[2]]
-    table = sensitivity.kl_sensitivity(model, replay, [KV16, KV8, KV2], 64, only=only)
-    assert (table[:, 0][:-1] == 0).all()
-    assert (table[:-1, 2] > table[:-1, 1]).all()  # KV2 hurts more than KV8 on every layer
-    assert table[-1, :2].isnan().all() and table[-1, 2] > 0  # unmeasured pairs stay NaN
-
-
-def test_kl_divergence_is_zero_for_equal_and_positive_otherwise():
-    logits = torch.randn(2, 5, 11)
-    assert torch.allclose(sensitivity.kl_divergence(logits, logits), torch.zeros(2, 5), atol=1e-6)
-    assert (sensitivity.kl_divergence(logits, logits.flip(-1)) > 0).all()
-
-
-def test_search_pairs_are_the_papers():
-    labels = [p.label for p in SEARCH_PAIRS]
-    assert labels == ["KV16", "KV8", "K8V4", "K4V8", "KV4", "K8V2", "K4V2", "K2V4", "KV2"]
+    _, replay, _ = measured
+    assert (sensitivity.single_layer_kl(model, replay, capture.unquantized_formats(model), BLOCK) == 0).all()
