@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-STEPS = ("benchmarks.kernels.decode_attention", "benchmarks.serving.run", "benchmarks.quality")
+STEPS = ("benchmarks.kernels.attention_steps", "benchmarks.serving.run", "benchmarks.quality")
 
 
 def run(quick: bool) -> None:

@@ -28,6 +28,7 @@ import dataclasses
 import functools
 import logging
 import sys
+from collections.abc import Callable
 from typing import get_args
 
 from kvtuner_vllm import BACKEND_NAME, DTYPE, SUPPORTED_VLLM
@@ -172,45 +173,51 @@ def _resolving(original):
 # -- 4. the layers --------------------------------------------------------------------------------
 
 
+def _patch(owner, name: str, make_wrapper) -> Callable | None:
+    """Replace `owner.name` by `make_wrapper(original)`, once: a second register() (every vLLM
+    process runs the plugin, some twice) finds the mark and leaves the wrapper as it is."""
+    original = getattr(owner, name)
+    if getattr(original, _WRAPPED, False):
+        return None
+    wrapper = functools.wraps(original)(make_wrapper(original))
+    setattr(wrapper, _WRAPPED, True)
+    setattr(owner, name, wrapper)
+    return wrapper
+
+
 def _wrap_attention_init() -> None:
     from vllm.model_executor.layers.attention import Attention
 
-    original = Attention.__init__
-    if getattr(original, _WRAPPED, False):
-        return
+    def wrapper(original):
+        def __init__(self, *args, **kwargs):
+            original(self, *args, **kwargs)
+            if self.kv_cache_dtype == DTYPE:
+                from kvtuner_vllm.vllm_config import bind_layer
 
-    @functools.wraps(original)
-    def __init__(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        if self.kv_cache_dtype == DTYPE:
-            from kvtuner_vllm.vllm_config import bind_layer
+                bind_layer(self)
 
-            bind_layer(self)
+        return __init__
 
-    setattr(__init__, _WRAPPED, True)
-    Attention.__init__ = __init__
+    _patch(Attention, "__init__", wrapper)
 
 
 def _wrap_attention_spec() -> None:
     import torch
     from vllm.model_executor.layers.attention import Attention
 
-    original = Attention.get_kv_cache_spec
-    if getattr(original, _WRAPPED, False):
-        return
+    def wrapper(original):
+        def get_kv_cache_spec(self, vllm_config):
+            spec = original(self, vllm_config)
+            if spec is None or self.kv_cache_dtype != DTYPE:
+                return spec
+            from kvtuner_vllm.vllm_config import check_layer_block_size
 
-    @functools.wraps(original)
-    def get_kv_cache_spec(self, vllm_config):
-        spec = original(self, vllm_config)
-        if spec is None or self.kv_cache_dtype != DTYPE:
-            return spec
-        from kvtuner_vllm.vllm_config import check_layer_block_size
+            check_layer_block_size(self, spec.block_size)  # where vLLM's final block size is known
+            return dataclasses.replace(spec, state_content_bytes=self.impl.fmt.bytes_per_token, dtype=torch.uint8)
 
-        check_layer_block_size(self, spec.block_size)  # where vLLM's final block size is known
-        return dataclasses.replace(spec, state_content_bytes=self.impl.fmt.bytes_per_token, dtype=torch.uint8)
+        return get_kv_cache_spec
 
-    setattr(get_kv_cache_spec, _WRAPPED, True)
-    Attention.get_kv_cache_spec = get_kv_cache_spec
+    _patch(Attention, "get_kv_cache_spec", wrapper)
 
 
 # -- 5. the capacity log --------------------------------------------------------------------------
@@ -219,25 +226,22 @@ def _wrap_attention_spec() -> None:
 def _wrap_capacity_log() -> None:
     import vllm.v1.core.kv_cache_utils as kv_cache_utils
 
-    original = kv_cache_utils.update_kv_cache_capacity
-    if getattr(original, _WRAPPED, False):
-        return
+    def wrapper(original):
+        def update_kv_cache_capacity(vllm_config, kv_cache_config) -> None:
+            original(vllm_config, kv_cache_config)
+            if vllm_config.cache_config.cache_dtype == DTYPE:
+                from kvtuner_vllm.vllm_config import log_startup_block
 
-    @functools.wraps(original)
-    def update_kv_cache_capacity(vllm_config, kv_cache_config) -> None:
-        original(vllm_config, kv_cache_config)
-        if vllm_config.cache_config.cache_dtype == DTYPE:
-            from kvtuner_vllm.vllm_config import log_startup_block
+                log_startup_block(vllm_config, kv_cache_config)
 
-            log_startup_block(vllm_config, kv_cache_config)
+        return update_kv_cache_capacity
 
-    setattr(update_kv_cache_capacity, _WRAPPED, True)
-    kv_cache_utils.update_kv_cache_capacity = update_kv_cache_capacity
+    patched = _patch(kv_cache_utils, "update_kv_cache_capacity", wrapper)
     # EngineCore imports the function by name: replace its reference too if it is already imported
     # (in the EngineCore process it is; importing it here would slow the API server's start).
     engine_core = sys.modules.get("vllm.v1.engine.core")
-    if engine_core is not None:
-        engine_core.update_kv_cache_capacity = update_kv_cache_capacity
+    if patched is not None and engine_core is not None:
+        engine_core.update_kv_cache_capacity = patched
 
 
 # -- 6. errors a person can read ------------------------------------------------------------------
@@ -257,16 +261,15 @@ def config_error(error: BaseException) -> KVTunerConfigError | None:
 def _print_config_errors() -> None:
     """A process that dies of a kvtuner configuration error prints that error alone, once, last:
     `kvtuner: error: <what and how to fix it>` instead of a traceback through vLLM's config code."""
-    if getattr(sys.excepthook, _WRAPPED, False):
-        return
-    original = sys.excepthook
 
-    def excepthook(kind, error, traceback):
-        cause = config_error(error)
-        if cause is None:
-            original(kind, error, traceback)
-            return
-        print(f"kvtuner: error: {cause}", file=sys.stderr, flush=True)
+    def wrapper(original):
+        def excepthook(kind, error, traceback):
+            cause = config_error(error)
+            if cause is None:
+                original(kind, error, traceback)
+                return
+            print(f"kvtuner: error: {cause}", file=sys.stderr, flush=True)
 
-    setattr(excepthook, _WRAPPED, True)
-    sys.excepthook = excepthook
+        return excepthook
+
+    _patch(sys, "excepthook", wrapper)
