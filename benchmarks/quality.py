@@ -285,7 +285,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle("SmolLM2-135M-Instruct served by vLLM: quality vs KV bits "
-                 "(v1: no window; v2: 32-position full-precision window)")
+                 "(v1: no window; v2: 32-position window, G64; v2 kivi, KVTuner: kivi keys, G32, 64-position window)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

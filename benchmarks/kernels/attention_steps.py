@@ -35,13 +35,14 @@ BLOCK_SIZE = 128  # vLLM's CPU default and ours
 DTYPE = torch.bfloat16
 DECODE = (32, 1100)  # sequences, context
 PROMPT = 1024
-# Our formats: the unquantized control, uniform maps of the default (per-token G64, R32) and the
-# bundled calibrated preset's scheme (kivi G_t32, G32, R64), by (key bits, value bits).
+# Our formats: the unquantized control, uniform maps of the default (per-token G64, R32), format v1
+# (no window: what the window costs) and the bundled calibrated preset's scheme (kivi G_t32, G32, R64).
 OURS = {
     "ours KV16": dict(key_bits=16, value_bits=16, group_size=64),
     "ours KV8 R32": dict(key_bits=8, value_bits=8, group_size=64, residual_length=32),
     "ours K8V4 R32": dict(key_bits=8, value_bits=4, group_size=64, residual_length=32),
     "ours KV4 R32": dict(key_bits=4, value_bits=4, group_size=64, residual_length=32),
+    "ours KV4 v1 (no window)": dict(key_bits=4, value_bits=4, group_size=64),
     "ours KV4 kivi R64": dict(key_bits=4, value_bits=4, group_size=32, scheme=kvformat.KIVI, key_group_size=32,
                               residual_length=64),
     "ours K4V2 kivi R64": dict(key_bits=4, value_bits=2, group_size=32, scheme=kvformat.KIVI, key_group_size=32,
