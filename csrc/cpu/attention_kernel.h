@@ -457,7 +457,16 @@ struct ItemContext {
   PlaneSide key_side, value_side;
 };
 
-// Packed keys [item.key_begin, max_r packed_end[r]) in chunks that stay inside a block.
+// Requests bytes [0, bytes) from L2 (hint 2: not L1, which holds the tiles).
+KVT_INLINE void prefetch_range(const uint8_t* p, int64_t bytes) {
+  constexpr int kLine = 64;
+  for (int64_t at = 0; at < bytes; at += kLine) __builtin_prefetch(p + at, 0, 2);
+}
+
+// Packed keys [item.key_begin, max_r packed_end[r]) in chunks that stay inside a block. A
+// sequence's blocks lie anywhere in the cache, so the hardware prefetchers cannot guess the
+// next one: each chunk requests the same tokens of the next block, spread over the block so
+// that the requests never crowd out the chunk's own loads.
 template <int kVecs>
 KVT_INLINE void attend_packed(const ItemContext& c, const ItemScratch& s) {
   const AttentionParams& p = c.p;
@@ -470,6 +479,15 @@ KVT_INLINE void attend_packed(const ItemContext& c, const ItemScratch& s) {
     const int block = first / p.block_size, offset = first % p.block_size;
     const int count = std::min({c.chunk, p.block_size - offset, end - first});
     const uint8_t* plane = plane_of(block);
+    if ((block + 1) * p.block_size < end) {
+      const uint8_t* next = plane_of(block + 1);
+      for (const PlaneSide* side : {&c.key_side, &c.value_side}) {
+        prefetch_range(next + side->codes_offset + offset * side->code_bytes, count * side->code_bytes);
+        if (side->token_group == 0) {  // kivi key params: a few rows per block, left to demand loads
+          prefetch_range(next + side->params_offset + offset * side->param_bytes, count * side->param_bytes);
+        }
+      }
+    }
     dequantize_plane<kVecs>(plane, c.key_side, p.dtype, offset, count, p.head_size, p.format.group_size, s, s.keys);
     dequantize_plane<kVecs>(plane, c.value_side, p.dtype, offset, count, p.head_size, p.format.group_size, s,
                             s.values);
