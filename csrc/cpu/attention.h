@@ -35,7 +35,7 @@ struct WorkItem {
   int key_begin, key_end;
   int64_t partial_offset;  // first partial row (query rows token-major, heads minor); -1: write out
   int64_t cost;            // rough work, for scheduling the largest items first
-  bool long_query;         // a tile of a long query chunk: offered to the matrix-unit kernel first
+  bool long_query;         // a tile of kLongQueryTileTokens tokens of a long query chunk (keys never split)
 };
 
 // Items whose partitions must be merged: `num_partitions` consecutive partial slots.
@@ -52,7 +52,8 @@ struct AttentionPlan {
 
 // Sequences with at least this many query rows are tiled into long-query items.
 constexpr int kLongQueryTokens = 64;
-// Query tokens per long-query item (the matrix-unit kernel's tile).
+// Query tokens per long-query item: more rows share each dequantized key chunk, and such a
+// sequence yields enough items without splitting its keys.
 constexpr int kLongQueryTileTokens = 64;
 
 AttentionPlan plan_attention(const AttentionParams& params, int num_threads);

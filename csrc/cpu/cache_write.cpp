@@ -4,7 +4,7 @@
 #include <cmath>
 #include <vector>
 
-#include "cpu/simd.h"
+#include "cpu/simd_isa.h"
 
 namespace kvtuner::cpu {
 namespace {

@@ -1,15 +1,24 @@
-// Vector building blocks of the CPU kernels (GCC/clang vector extensions), torch-free.
+// Vector building blocks of the CPU kernels (GCC/clang vector extensions), torch-free, and
+// every standard header the kernels use: a translation unit compiled for one ISA
+// (`#pragma GCC target`, see attention_kernel.h) includes this file before its pragma, so the
+// standard library keeps the default target. simd_isa.h adds the loads and conversions that
+// differ per ISA.
 //
-// A Vec16 is 16 floats: one AVX-512 register, two AVX2 or four SSE registers. The hot entry
-// points that use these helpers are compiled once per x86-64 level (KVT_HOT: x86-64-v4 =
-// AVX-512, x86-64-v3 = AVX2 + FMA + F16C, baseline) and picked when the library loads, so
-// the binary runs on any x86-64 CPU; the helpers are always_inline so that every clone gets
-// its own vectorized copy.
+// A Vec16 is 16 floats: one AVX-512 register, two AVX2 or four SSE registers. KVT_HOT entry
+// points are compiled once per x86-64 level (x86-64-v4 = AVX-512, x86-64-v3 = AVX2 + FMA +
+// F16C, baseline) and picked when the library loads, so the binary runs on any x86-64 CPU;
+// the helpers are always_inline so that every clone gets its own vectorized copy.
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include "cpu/numeric.h"
 
@@ -43,61 +52,14 @@ KVT_INLINE V load_vec(const void* p) {
 
 KVT_INLINE Vec16 load16(const float* p) { return load_vec<Vec16>(p); }
 KVT_INLINE void store16(float* p, Vec16 v) { std::memcpy(p, &v, sizeof(v)); }
-KVT_INLINE Vec16 broadcast(float x) { return Vec16{} + x; }
+// A splat written as a shuffle: GCC 12 builds Vec16{x, x, ...} lane by lane in larger
+// functions, and Vec16{} + x must add +0.0 (which turns -0.0 into +0.0).
+KVT_INLINE Vec16 broadcast(float x) {
+  const Vec16 v = {x};
+  return __builtin_shufflevector(v, v, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+}
 
 KVT_INLINE Vec16 int_to_float(Int16 v) { return __builtin_convertvector(v, Vec16); }
-KVT_INLINE Int16 widen(Bytes16 v) { return __builtin_convertvector(v, Int16); }
-
-// Exact fp16 -> fp32 of 16 values (the branch-free form of half_to_float, in vector lanes).
-KVT_INLINE Vec16 halves_to_floats(Short16 halves) {
-  const UInt16 h = __builtin_convertvector(halves, UInt16);
-  const UInt16 sign = (h & 0x8000u) << 16;
-  const UInt16 magnitude = h & 0x7fffu;
-  const UInt16 normal = (magnitude << 13) + (uint32_t(127 - 15) << 23);
-  const UInt16 special = (magnitude << 13) | 0x7f800000u;  // inf / nan
-  const Vec16 subnormal = __builtin_convertvector(magnitude, Vec16) * 5.9604644775390625e-8f;  // * 2^-24
-  UInt16 bits = magnitude >= 0x7c00u ? special : normal;
-  bits = magnitude < 0x400u ? (UInt16)subnormal : bits;
-  return (Vec16)(bits | sign);
-}
-
-KVT_INLINE Vec16 bf16_to_floats(Short16 values) {
-  return (Vec16)(__builtin_convertvector(values, UInt16) << 16);
-}
-
-// fp32 copies of n fp16 values (n any), 16 at a time.
-KVT_INLINE void halves_to_float_array(const uint8_t* src, int n, float* __restrict dst) {
-  int i = 0;
-  for (; i + kLanes <= n; i += kLanes) store16(dst + i, halves_to_floats(load_vec<Short16>(src + 2 * i)));
-  for (; i < n; ++i) {
-    uint16_t h;
-    std::memcpy(&h, src + 2 * i, 2);
-    dst[i] = half_to_float(h);
-  }
-}
-
-// One row of n values of the model dtype -> fp32.
-KVT_INLINE void load_row(const void* src, ElemType type, int n, float* __restrict dst) {
-  const uint8_t* bytes = static_cast<const uint8_t*>(src);
-  switch (type) {
-    case ElemType::kFloat32:
-      std::memcpy(dst, src, sizeof(float) * n);
-      return;
-    case ElemType::kBFloat16: {
-      int i = 0;
-      for (; i + kLanes <= n; i += kLanes) store16(dst + i, bf16_to_floats(load_vec<Short16>(bytes + 2 * i)));
-      for (; i < n; ++i) {
-        uint16_t v;
-        std::memcpy(&v, bytes + 2 * i, 2);
-        dst[i] = bf16_to_float(v);
-      }
-      return;
-    }
-    case ElemType::kFloat16:
-      halves_to_float_array(bytes, n, dst);
-      return;
-  }
-}
 
 // dst = src * multiplier in the model dtype (rounded to nearest even, as torch does).
 KVT_INLINE void store_row(const float* __restrict src, float multiplier, ElemType type, int n, void* dst) {
@@ -139,21 +101,54 @@ KVT_INLINE float horizontal_sum(Vec16 v) {
   return (x[0] + x[2]) + (x[1] + x[3]);
 }
 
-// exp(x) for x <= 0 (softmax arguments), branch-free so loops of it vectorize; relative
-// error ~2e-7 (Cephes expf polynomial after range reduction by ln 2).
-KVT_INLINE float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);                // 2^n stays a normal float
-  const float kRoundMagic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const float n = (x * 1.44269504088896341f + kRoundMagic) - kRoundMagic;
-  const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float e = p * r * r + r + 1.0f;
-  return e * bits_float(uint32_t(int32_t(n) + 127) << 23);
+// exp(x) for x <= 0 (softmax arguments), 16 lanes, branch-free; relative error ~2e-7 (Cephes
+// expf polynomial after range reduction by ln 2); exactly 0 below -87 (and for -inf).
+KVT_INLINE Vec16 exp_nonpositive(Vec16 x) {
+  const Vec16 lowest = broadcast(-87.0f);
+  const Vec16 clamped = x < lowest ? lowest : x;             // 2^n stays a normal float
+  const Vec16 round_magic = broadcast(12582912.0f);          // 1.5 * 2^23: adding it rounds to an integer
+  const Vec16 n = (clamped * broadcast(1.44269504088896341f) + round_magic) - round_magic;
+  const Vec16 r = (clamped - n * broadcast(0.693359375f)) - n * broadcast(-2.12194440e-4f);
+  Vec16 p = broadcast(1.9875691500e-4f);
+  p = p * r + broadcast(1.3981999507e-3f);
+  p = p * r + broadcast(8.3334519073e-3f);
+  p = p * r + broadcast(4.1665795894e-2f);
+  p = p * r + broadcast(1.6666665459e-1f);
+  p = p * r + broadcast(5.0000001201e-1f);
+  const Vec16 e = p * r * r + r + broadcast(1.0f);
+  const Vec16 result = e * (Vec16)((__builtin_convertvector(n, Int16) + 127) << 23);
+  return x < lowest ? Vec16{} : result;
+}
+
+KVT_INLINE float exp_nonpositive(float x) { return exp_nonpositive(broadcast(x))[0]; }
+
+KVT_INLINE float horizontal_max(Vec16 v) {
+  const Vec8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
+  const Vec8 b = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const Vec8 m8 = a > b ? a : b;
+  const Vec4 c = __builtin_shufflevector(m8, m8, 0, 1, 2, 3), d = __builtin_shufflevector(m8, m8, 4, 5, 6, 7);
+  const Vec4 m4 = c > d ? c : d;
+  return std::max(std::max(m4[0], m4[1]), std::max(m4[2], m4[3]));
+}
+
+// r[j] = horizontal sum of v[j] for 16 vectors: a transpose-and-add tree (15 adds, 30 shuffles).
+KVT_INLINE Vec16 horizontal_sums16(const Vec16* v) {
+  Vec16 w[8], x[4], y[2];
+  for (int i = 0; i < 8; ++i) {
+    w[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(v[2 * i], v[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30,
+                                   31);
+  }
+  for (int i = 0; i < 4; ++i) {
+    x[i] = __builtin_shufflevector(w[2 * i], w[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+           __builtin_shufflevector(w[2 * i], w[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  }
+  for (int i = 0; i < 2; ++i) {
+    y[i] = __builtin_shufflevector(x[2 * i], x[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+           __builtin_shufflevector(x[2 * i], x[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+  }
+  return __builtin_shufflevector(y[0], y[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+         __builtin_shufflevector(y[0], y[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
 
 }  // namespace kvtuner::cpu

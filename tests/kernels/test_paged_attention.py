@@ -279,3 +279,31 @@ def test_opcheck():
          batch.ring_block_ids, batch.block_table, batch.seq_lens, batch.query_start_loc, 7, 40, 0.125, 8, 4, 32, 16,
          16, 0.0, torch.empty(4096)),
     )
+
+
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+def test_narrower_cpu_kernels(isa):
+    """The AVX2 and baseline builds of the vector kernel (the CPU picks the widest it has; CI
+    machines may lack AVX-512) pass this file's reference comparisons too."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "KVTUNER_CPU_ISA": isa}
+    selected = "decode_ragged_batch and 128- or prefill_and_chunked or head_and_group or kivi_key_groups or softcap"
+    result = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider",
+                             "-k", f"({selected}) and cpu"], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert " passed" in result.stdout
+
+
+def test_rejects_unknown_cpu_isa():
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch; from kernel_cases import *; from test_paged_attention import run_op; "
+            "run_op(make_batch(layer_format(4, 4, 64, 32), [5], [1], 2, 1, 16), 'cpu')")
+    result = subprocess.run([sys.executable, "-c", code], env={**os.environ, "KVTUNER_CPU_ISA": "avx9000"},
+                            cwd=os.path.dirname(__file__), capture_output=True, text=True)
+    assert result.returncode != 0 and "KVTUNER_CPU_ISA must be avx512, avx2 or baseline" in result.stderr
