@@ -53,14 +53,25 @@ KVT_INLINE void pack(const uint8_t* __restrict q, int n, uint8_t* __restrict out
 template <int kBits>
 KVT_INLINE void quantize_group(const float* __restrict x, int group_size, uint8_t* __restrict codes,
                                uint8_t* __restrict scale_zero) {
-  float lo = x[0], hi = x[0];
-#pragma omp simd reduction(min : lo) reduction(max : hi)
-  for (int i = 0; i < group_size; ++i) {
-    lo = std::min(lo, x[i]);
-    hi = std::max(hi, x[i]);
+  // The range in 16 lanes, then across them: GCC leaves a scalar min/max reduction scalar (it was
+  // two thirds of a prefill chunk's write). Every group size (32, 64, 128, head size) is a
+  // multiple of 16, and min and max give the same result in any order.
+  float lo16[16], hi16[16];
+  for (int j = 0; j < 16; ++j) lo16[j] = hi16[j] = x[j];
+  for (int i = 16; i < group_size; i += 16) {
+    for (int j = 0; j < 16; ++j) {
+      lo16[j] = std::min(lo16[j], x[i + j]);
+      hi16[j] = std::max(hi16[j], x[i + j]);
+    }
+  }
+  float lo = lo16[0], hi = hi16[0];
+  for (int j = 1; j < 16; ++j) {
+    lo = std::min(lo, lo16[j]);
+    hi = std::max(hi, hi16[j]);
   }
   const GroupScale g = group_scale<kBits>(lo, hi);
   uint8_t q[256];  // group_size <= head_size <= 256 is checked by the launcher
+#pragma omp simd
   for (int i = 0; i < group_size; ++i) q[i] = code_of<kBits>(x[i], g.zero, g.inv);
   pack<kBits>(q, group_size, codes);
   store_u16(scale_zero, g.scale_h);
@@ -114,6 +125,7 @@ KVT_INLINE void quantize_channels(const float* __restrict x, int tokens, int hea
   const int code_bytes = head_size * kBits / 8;
   for (int t = 0; t < tokens; ++t) {
     const float* row = x + int64_t(t) * head_size;
+#pragma omp simd
     for (int c = 0; c < head_size; ++c) q[c] = code_of<kBits>(row[c], lo[c], hi[c]);
     pack<kBits>(q, head_size, codes + int64_t(t) * code_bytes);
   }
