@@ -226,7 +226,7 @@ def plot(rows: list[dict], path) -> None:
     shapes = sorted({r["shape"] for r in rows})
     names = list(dict.fromkeys(r["kernel"] for r in rows))
     step_names = list(dict.fromkeys(r["step"] for r in rows))
-    fig, axes = plt.subplots(1, len(shapes), figsize=(7 * len(shapes), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(shapes), figsize=(7 * len(shapes), 4.8), squeeze=False)
     width = 0.8 / len(names)
     for ax, shape in zip(axes[0], shapes, strict=True):
         for i, name in enumerate(names):
@@ -237,8 +237,9 @@ def plot(rows: list[dict], path) -> None:
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(step_names))], step_names)
         ax.set_ylabel("speedup vs vLLM bf16 (same run)")
         ax.set_title(f"{shape}, per layer step")
-    axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=8)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(path, dpi=120)
 
 

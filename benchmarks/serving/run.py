@@ -6,7 +6,7 @@ space too small for `auto` to hold the concurrent requests) and an ample one. On
 each is killed (its process group) before the next.
 
     python -m benchmarks.serving.run --quick      # short prompts only, ~15 min on 2 idle CPU cores
-    python -m benchmarks.serving.run              # both workloads, ~45 min
+    python -m benchmarks.serving.run              # both workloads, ~30 min
 
 Writes benchmarks/results/serving-<device>[-quick].json and .png (output tok/s, req/s, TTFT/TPOT p50/p99).
 """

@@ -53,16 +53,14 @@ KVT_INLINE void pack(const uint8_t* __restrict q, int n, uint8_t* __restrict out
 template <int kBits>
 KVT_INLINE void quantize_group(const float* __restrict x, int group_size, uint8_t* __restrict codes,
                                uint8_t* __restrict scale_zero) {
-  // The range in 16 lanes, then across them: GCC leaves a scalar min/max reduction scalar (it was
-  // two thirds of a prefill chunk's write). Every group size (32, 64, 128, head size) is a
-  // multiple of 16, and min and max give the same result in any order.
-  float lo16[16], hi16[16];
-  for (int j = 0; j < 16; ++j) lo16[j] = hi16[j] = x[j];
+  // The range in one 16-float vector, then across its lanes: GCC leaves a scalar min/max
+  // reduction scalar (it was two thirds of a prefill chunk's write). Every group size (32, 64,
+  // 128, head size) is a multiple of 16, and min and max give the same result in any order.
+  Vec16 lo16 = load16(x), hi16 = lo16;
   for (int i = 16; i < group_size; i += 16) {
-    for (int j = 0; j < 16; ++j) {
-      lo16[j] = std::min(lo16[j], x[i + j]);
-      hi16[j] = std::max(hi16[j], x[i + j]);
-    }
+    const Vec16 v = load16(x + i);
+    lo16 = v < lo16 ? v : lo16;
+    hi16 = v > hi16 ? v : hi16;
   }
   float lo = lo16[0], hi = hi16[0];
   for (int j = 1; j < 16; ++j) {
