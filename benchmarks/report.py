@@ -122,7 +122,8 @@ def serving_section(result: dict) -> list[str]:
                          "KV tokens"], rows),
                 "",
             ]
-    return lines
+    stem = "serving-cpu-quick" if result.get("quick") else "serving-cpu"
+    return lines + [f"![serving](benchmarks/results/{stem}.png)", ""]
 
 
 def soak_section(result: dict) -> list[str]:
