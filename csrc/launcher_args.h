@@ -98,6 +98,17 @@ inline RingArgs ring_args(const std::optional<at::Tensor>& ring_cache, const std
   return RingArgs{ring.data_ptr(), ring.stride(0), ring.stride(1), ring_block_ids->data_ptr<int32_t>()};
 }
 
+// The step's key and value rows [T, H_kv, D] (checked by check_rows), as every op's params hold them.
+template <class Params>
+void set_key_value(Params& p, const at::Tensor& key, const at::Tensor& value) {
+  p.key = key.data_ptr();
+  p.value = value.data_ptr();
+  p.key_stride_token = key.stride(0);
+  p.key_stride_head = key.stride(1);
+  p.value_stride_token = value.stride(0);
+  p.value_stride_head = value.stride(1);
+}
+
 inline CacheWriteParams cache_write_params(const at::Tensor& key, const at::Tensor& value, const at::Tensor& kv_cache,
                                            const at::Tensor& slot_mapping,
                                            const std::optional<at::Tensor>& ring_cache,
@@ -125,12 +136,7 @@ inline CacheWriteParams cache_write_params(const at::Tensor& key, const at::Tens
   check_cache(kv_cache, heads, layout.bytes_per_token);
 
   CacheWriteParams p{};
-  p.key = key.data_ptr();
-  p.value = value.data_ptr();
-  p.key_stride_token = key.stride(0);
-  p.key_stride_head = key.stride(1);
-  p.value_stride_token = value.stride(0);
-  p.value_stride_head = value.stride(1);
+  set_key_value(p, key, value);
   p.cache = kv_cache.data_ptr<uint8_t>();
   p.cache_stride_block = kv_cache.stride(0);
   p.cache_stride_head = kv_cache.stride(1);
@@ -194,12 +200,7 @@ inline AttentionParams attention_params(const at::Tensor& out, const at::Tensor&
   p.query = query.data_ptr();
   p.query_stride_token = query.stride(0);
   p.query_stride_head = query.stride(1);
-  p.key = key.data_ptr();
-  p.value = value.data_ptr();
-  p.key_stride_token = key.stride(0);
-  p.key_stride_head = key.stride(1);
-  p.value_stride_token = value.stride(0);
-  p.value_stride_head = value.stride(1);
+  set_key_value(p, key, value);
   p.cache = kv_cache.data_ptr<uint8_t>();
   p.cache_stride_block = kv_cache.stride(0);
   p.cache_stride_head = kv_cache.stride(1);
@@ -232,12 +233,7 @@ inline WindowWriteParams window_write_params(const at::Tensor& key, const at::Te
   check_rows(value, "value", key.scalar_type(), heads, head_size);
   TORCH_CHECK(residual_length > 0, "write_window needs residual_length > 0, got ", residual_length);
   WindowWriteParams p{};
-  p.key = key.data_ptr();
-  p.value = value.data_ptr();
-  p.key_stride_token = key.stride(0);
-  p.key_stride_head = key.stride(1);
-  p.value_stride_token = value.stride(0);
-  p.value_stride_head = value.stride(1);
+  set_key_value(p, key, value);
   p.seqs = sequence_args(query_start_loc, seq_lens, key.size(0));
   p.ring = ring_args(ring_cache, ring_block_ids, residual_length, key.scalar_type(), heads, head_size,
                      p.seqs.num_seqs);

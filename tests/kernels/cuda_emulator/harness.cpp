@@ -52,6 +52,17 @@ RingArgs ring_args(const BatchArg& b) {
   return RingArgs{b.ring->data, b.ring->strides[0], b.ring->strides[1], b.ring_block_ids};
 }
 
+// The step's key and value rows [T, H_kv, D], as every op's params hold them.
+template <class Params>
+void set_key_value(Params& p, const TensorArg& key, const TensorArg& value) {
+  p.key = key.data;
+  p.value = value.data;
+  p.key_stride_token = key.strides[0];
+  p.key_stride_head = key.strides[1];
+  p.value_stride_token = value.strides[0];
+  p.value_stride_head = value.strides[1];
+}
+
 }  // namespace
 
 extern "C" {
@@ -60,12 +71,7 @@ int emu_quantize_and_cache(const TensorArg* key, const TensorArg* value, const T
                            const int64_t* slot_mapping, int64_t num_slots, const BatchArg* batch) {
   cuda::CacheWriteLaunch launch{};
   CacheWriteParams& p = launch.p;
-  p.key = key->data;
-  p.value = value->data;
-  p.key_stride_token = key->strides[0];
-  p.key_stride_head = key->strides[1];
-  p.value_stride_token = value->strides[0];
-  p.value_stride_head = value->strides[1];
+  set_key_value(p, *key, *value);
   p.cache = static_cast<uint8_t*>(cache->data);
   p.cache_stride_block = cache->strides[0];
   p.cache_stride_head = cache->strides[1];
@@ -87,12 +93,7 @@ int emu_quantize_and_cache(const TensorArg* key, const TensorArg* value, const T
 int emu_write_window(const TensorArg* key, const TensorArg* value, const BatchArg* batch) {
   cuda::WindowWriteLaunch launch{};
   WindowWriteParams& p = launch.p;
-  p.key = key->data;
-  p.value = value->data;
-  p.key_stride_token = key->strides[0];
-  p.key_stride_head = key->strides[1];
-  p.value_stride_token = value->strides[0];
-  p.value_stride_head = value->strides[1];
+  set_key_value(p, *key, *value);
   p.seqs = sequence_args(*batch);
   p.ring = ring_args(*batch);
   p.num_kv_heads = int(key->sizes[1]);
@@ -127,12 +128,7 @@ int emu_paged_attention(const TensorArg* out, const TensorArg* query, const Tens
   p.query = query->data;
   p.query_stride_token = query->strides[0];
   p.query_stride_head = query->strides[1];
-  p.key = key->data;
-  p.value = value->data;
-  p.key_stride_token = key->strides[0];
-  p.key_stride_head = key->strides[1];
-  p.value_stride_token = value->strides[0];
-  p.value_stride_head = value->strides[1];
+  set_key_value(p, *key, *value);
   p.cache = static_cast<const uint8_t*>(cache->data);
   p.cache_stride_block = cache->strides[0];
   p.cache_stride_head = cache->strides[1];
