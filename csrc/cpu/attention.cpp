@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "cpu/attention_isa.h"
+#include "cpu/prefill_attention.h"
 #include "cpu/simd.h"
 
 namespace kvtuner::cpu {
@@ -48,6 +49,18 @@ ItemKernel item_kernel() {
   return kernel;
 }
 
+// The AMX decode kernel runs where the CPU and OS offer AMX and the AVX-512 vector kernel was
+// chosen, unless KVTUNER_DECODE_ISA=off asks for the vector kernel (read at every plan, so that
+// a benchmark can compare the two in one process).
+bool decode_on_amx() {
+  const char* requested = std::getenv("KVTUNER_DECODE_ISA");
+  const std::string isa = requested ? requested : "";
+  if (!(isa.empty() || isa == "amx" || isa == "off")) {
+    throw std::invalid_argument("KVTUNER_DECODE_ISA must be amx or off, got " + isa);
+  }
+  return isa != "off" && item_kernel() == run_work_item_avx512 && detected_matrix_unit() == MatrixUnit::kAmx;
+}
+
 // Owns one thread's ItemScratch, grown to the largest item seen, and the tile orders of the
 // last format it ran.
 class ScratchBuffers {
@@ -86,6 +99,10 @@ class ScratchBuffers {
                        4 * size_t(head_size_),
                    0.0f);
     ints_.assign(3 * size_t(rows_), 0);
+    if (matrix_.empty()) {
+      matrix_.assign(kDecodeWorkspaceBytes + 64, 0);
+      view_.matrix = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(matrix_.data()) + 63) / 64 * 64);
+    }
     float* f = floats_.data();
     auto take = [&f](size_t n) { float* p = f; f += n; return p; };
     view_.query = take(row_floats);
@@ -109,6 +126,7 @@ class ScratchBuffers {
   int rows_ = 0, chunk_ = 0, head_size_ = 0;
   std::vector<float> floats_;
   std::vector<int> ints_;
+  std::vector<uint8_t> matrix_;
   Order key_order_, value_order_;
   ItemScratch view_{};
 };
@@ -145,6 +163,7 @@ AttentionPlan plan_attention(const AttentionParams& p, int num_threads) {
   // threads (decode of a few long sequences): aim at >= 4 items per thread.
   const int64_t target_cost = std::max<int64_t>(1, total_cost / (4 * int64_t(num_threads)));
   AttentionPlan plan;
+  plan.amx_decode = decode_on_amx();
   for (const Tile& tile : tiles) {
     const int64_t wanted = (tile.cost + target_cost - 1) / target_cost;
     const int parts =
@@ -176,11 +195,16 @@ AttentionPlan plan_attention(const AttentionParams& p, int num_threads) {
 // Entry points
 // ---------------------------------------------------------------------------------------
 
-void run_work_item(const AttentionParams& p, const WorkItem& item, float* partial) {
+void run_work_item(const AttentionParams& p, const AttentionPlan& plan, const WorkItem& item, float* partial) {
   const ItemKernel kernel = item_kernel();
   thread_local ScratchBuffers buffers;
   const int rows = item.query_count * (p.num_q_heads / p.num_kv_heads);
-  kernel(p, item, buffers.get(p, rows, chunk_tokens(p.head_size)), partial);
+  const ItemScratch& scratch = buffers.get(p, rows, chunk_tokens(p.head_size));
+  if (plan.amx_decode && decode_amx_takes(p, rows)) {
+    run_work_item_amx(p, item, scratch, partial);
+  } else {
+    kernel(p, item, scratch, partial);
+  }
 }
 
 KVT_HOT void reduce_partitions(const AttentionParams& p, const ReduceItem& item, const float* partial) {

@@ -46,6 +46,7 @@ struct ReduceItem {
 
 struct AttentionPlan {
   std::vector<WorkItem> items;  // sorted by decreasing cost
+  bool amx_decode = false;      // items the AMX decode kernel takes run there (attention_isa.h)
   std::vector<ReduceItem> reductions;
   int64_t partial_rows = 0;  // rows of (head_size + 2) floats the partial buffer needs
 };
@@ -58,8 +59,9 @@ constexpr int kLongQueryTileTokens = 64;
 
 AttentionPlan plan_attention(const AttentionParams& params, int num_threads);
 
-// Runs one item with the vector kernel; `partial` is the partial buffer (null when no item needs it).
-void run_work_item(const AttentionParams& params, const WorkItem& item, float* partial);
+// Runs one item with the vector kernel, or the AMX decode kernel where the plan allows it and
+// the kernel takes the item; `partial` is the partial buffer (null when no item needs it).
+void run_work_item(const AttentionParams& params, const AttentionPlan& plan, const WorkItem& item, float* partial);
 
 void reduce_partitions(const AttentionParams& params, const ReduceItem& item, const float* partial);
 

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cstddef>
 #include <cstdint>
 
 #include "cpu/attention.h"
@@ -45,7 +46,19 @@ struct ItemScratch {
   float *channel_scale, *channel_zero;       // [D]: kivi params of one token group, tile order
   float* row;                                // [2D]: one row in channel order
   const int *key_order, *value_order;        // [D]: tile position of each channel
+  uint8_t* matrix;                           // kDecodeWorkspaceBytes, 64-byte aligned: attention_amx.cpp's
 };
+
+// The AMX decode kernel (attention_amx.cpp): query rows per item it takes at most, and its
+// workspace per thread.
+constexpr int kMaxDecodeRows = 16;
+constexpr size_t kDecodeWorkspaceBytes = size_t(160) << 10;
+
+// Whether the AMX decode kernel takes items of `rows` query rows of this step (bfloat16, keys
+// and values both packed with per-token groups, no softcap); the caller checks the CPU.
+bool decode_amx_takes(const AttentionParams& params, int rows);
+void run_work_item_amx(const AttentionParams& params, const WorkItem& item, const ItemScratch& scratch,
+                       float* partial);
 
 void run_work_item_avx512(const AttentionParams& params, const WorkItem& item, const ItemScratch& scratch,
                           float* partial);

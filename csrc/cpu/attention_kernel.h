@@ -496,6 +496,27 @@ KVT_INLINE void attend_packed(const ItemContext& c, const ItemScratch& s) {
   }
 }
 
+// Where the item's window rows lie: its ring rows and the step's own rows, keys and values.
+struct WindowRows {
+  FullRows keys, values;
+};
+
+KVT_INLINE WindowRows window_rows(const ItemContext& c) {
+  const AttentionParams& p = c.p;
+  const int elem = elem_size(p.dtype);
+  const int64_t row_bytes = int64_t(p.head_size) * elem;
+  const char* ring = static_cast<const char*>(p.ring.ring) +
+                     (int64_t(p.ring.block_ids[c.item.seq]) * p.ring.stride_block +
+                      c.item.kv_head * p.ring.stride_head) * elem;
+  const int window = p.format.residual_length;
+  return {{static_cast<const char*>(p.key) +
+               (c.seq.first_row * p.key_stride_token + c.item.kv_head * p.key_stride_head) * elem,
+           p.key_stride_token * elem, ring, row_bytes, c.seq.first_position, window},
+          {static_cast<const char*>(p.value) +
+               (c.seq.first_row * p.value_stride_token + c.item.kv_head * p.value_stride_head) * elem,
+           p.value_stride_token * elem, ring + window * row_bytes, row_bytes, c.seq.first_position, window}};
+}
+
 // Full-precision keys [min_r full_begin[r], max_r full_end[r]): the window.
 template <int kVecs>
 KVT_INLINE void attend_full(const ItemContext& c, const ItemScratch& s) {
@@ -503,19 +524,7 @@ KVT_INLINE void attend_full(const ItemContext& c, const ItemScratch& s) {
   const int begin = min_of(s.full_begin, c.rows);
   const int end = max_of(s.full_end, c.rows);
   if (begin >= end) return;
-  const int elem = elem_size(p.dtype);
-  const int64_t row_bytes = int64_t(p.head_size) * elem;
-  const char* ring = static_cast<const char*>(p.ring.ring) +
-                     (int64_t(p.ring.block_ids[c.item.seq]) * p.ring.stride_block +
-                      c.item.kv_head * p.ring.stride_head) * elem;
-  const int window = p.format.residual_length;
-  const FullRows keys{static_cast<const char*>(p.key) +
-                          (c.seq.first_row * p.key_stride_token + c.item.kv_head * p.key_stride_head) * elem,
-                      p.key_stride_token * elem, ring, row_bytes, c.seq.first_position, window};
-  const FullRows values{static_cast<const char*>(p.value) +
-                            (c.seq.first_row * p.value_stride_token + c.item.kv_head * p.value_stride_head) * elem,
-                        p.value_stride_token * elem, ring + window * row_bytes, row_bytes, c.seq.first_position,
-                        window};
+  const auto [keys, values] = window_rows(c);
   for (int first = begin; first < end; first += c.chunk) {
     const int count = std::min(c.chunk, end - first);
     load_full_rows(keys, p.dtype, first, count, p.head_size, p.format.key_bits, s.key_order, s, s.keys);

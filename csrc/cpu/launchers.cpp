@@ -178,7 +178,7 @@ void paged_attention_cpu(torch::Tensor& out, const torch::Tensor& query, const t
   float* partial = partial_buffer(workspace, plan.partial_rows * (params.head_size + 2), own_partial);
   parallel_dynamic(routed + int64_t(plan.items.size()), [&](int64_t i) {
     if (i < routed) kvtuner::cpu::run_prefill_item(params, prefill, prefill.items[i], partial);
-    else kvtuner::cpu::run_work_item(params, plan.items[i - routed], partial);
+    else kvtuner::cpu::run_work_item(params, plan, plan.items[i - routed], partial);
   });
   parallel_dynamic(int64_t(plan.reductions.size()),
                    [&](int64_t i) { kvtuner::cpu::reduce_partitions(params, plan.reductions[i], partial); });

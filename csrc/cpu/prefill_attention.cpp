@@ -90,8 +90,13 @@ MatrixUnit detect_matrix_unit() { return MatrixUnit::kNone; }
 
 }  // namespace
 
-MatrixUnit prefill_matrix_unit() {
+MatrixUnit detected_matrix_unit() {
   static const MatrixUnit detected = detect_matrix_unit();
+  return detected;
+}
+
+MatrixUnit prefill_matrix_unit() {
+  const MatrixUnit detected = detected_matrix_unit();
   const char* wanted = std::getenv("KVTUNER_PREFILL_ISA");
   if (wanted == nullptr || *wanted == '\0') return detected;
   const std::string name(wanted);

@@ -28,7 +28,10 @@ namespace kvtuner::cpu {
 enum class MatrixUnit : int { kNone, kAvx512Bf16, kAmx };
 
 // The best unit this CPU and OS offer (AMX needs the kernel's permission for tile data,
-// requested once), lowered by KVTUNER_PREFILL_ISA when set.
+// requested once).
+MatrixUnit detected_matrix_unit();
+
+// detected_matrix_unit(), lowered by KVTUNER_PREFILL_ISA when set.
 MatrixUnit prefill_matrix_unit();
 
 // Query rows (query tokens x query heads of one KV head) from which a sequence is routed here:
