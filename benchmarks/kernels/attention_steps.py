@@ -9,7 +9,8 @@ token each), prefill (one fresh 1024-token prompt) and mixed (31 such decodes be
 1024-token prefill chunk). vLLM runs at the ISA it picks on this machine (`amx` where the CPU
 has AMX tiles, after requesting their permission as vLLM's worker does) in bf16 and in its
 fp8 cache; ours for the bit pairs of the bundled maps, and KV16 (our own 16-bit kernel) as the
-control row that separates the kernel from the bytes. Timings are medians of repeats, the
+control row that separates the kernel from the bytes; KV4 also with the AMX decode kernel off (the
+vector kernel on the same pages). Timings are medians of repeats, the
 kernels called in turns so that other load hits all alike; decode rows also give the bytes of
 the pages read per second. Writes benchmarks/results/attention_steps[_quick].json and a PNG.
 """
@@ -17,6 +18,7 @@ the pages read per second. Writes benchmarks/results/attention_steps[_quick].jso
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -42,12 +44,16 @@ OURS = {
     "ours KV8 R32": dict(key_bits=8, value_bits=8, group_size=64, residual_length=32),
     "ours K8V4 R32": dict(key_bits=8, value_bits=4, group_size=64, residual_length=32),
     "ours KV4 R32": dict(key_bits=4, value_bits=4, group_size=64, residual_length=32),
+    "ours KV4 R32, vector decode": dict(key_bits=4, value_bits=4, group_size=64, residual_length=32),
     "ours KV4 v1 (no window)": dict(key_bits=4, value_bits=4, group_size=64),
     "ours KV4 kivi R64": dict(key_bits=4, value_bits=4, group_size=32, scheme=kvformat.KIVI, key_group_size=32,
                               residual_length=64),
     "ours K4V2 kivi R64": dict(key_bits=4, value_bits=2, group_size=32, scheme=kvformat.KIVI, key_group_size=32,
                                residual_length=64),
 }
+# Control rows run with the AMX decode kernel off (KVTUNER_DECODE_ISA=off, read at every call):
+# the same pages through the vector kernel, which shows what the matrix units bring to decode.
+VECTOR_DECODE = {"ours KV4 R32, vector decode"}
 VLLM = {"vLLM bf16": "auto", "vLLM fp8": "fp8"}
 
 
@@ -152,8 +158,9 @@ class KVTunerStep:
     """Our backend's step: quantize_and_cache, paged_attention (packed pages + ring + the step's rows),
     write_window."""
 
-    def __init__(self, batch: Batch, num_kv_heads: int, fmt: kvformat.LayerFormat, generator: torch.Generator):
-        self.batch, self.fmt = batch, fmt
+    def __init__(self, batch: Batch, num_kv_heads: int, fmt: kvformat.LayerFormat, generator: torch.Generator,
+                 decode_isa: str = "amx"):
+        self.batch, self.fmt, self.decode_isa = batch, fmt, decode_isa
         self.kv_cache = torch.zeros(fmt.cache_shape(batch.num_blocks, num_kv_heads, BLOCK_SIZE), dtype=torch.uint8)
         self.bytes_per_token = fmt.bytes_per_token * num_kv_heads
         self.ring_cache = self.ring_block_ids = None
@@ -173,6 +180,7 @@ class KVTunerStep:
 
     def __call__(self) -> None:
         b = self.batch
+        os.environ["KVTUNER_DECODE_ISA"] = self.decode_isa
         ops.quantize_and_cache(b.key, b.value, self.kv_cache, b.slots, self.fmt, b.query_start_loc, b.seq_lens,
                                self.ring_cache, self.ring_block_ids)
         ops.paged_attention(b.out, b.query, b.key, b.value, self.kv_cache, b.block_table, b.seq_lens,
@@ -204,7 +212,7 @@ def run_step(step: Step, shape: str, repeats: int, budget_s: float) -> list[dict
     kernels = {name: VllmStep(batch, num_q_heads, num_kv_heads, head_size, dtype) for name, dtype in VLLM.items()}
     for name, options in OURS.items():
         fmt = kvformat.LayerFormat(head_size=head_size, dtype=DTYPE, **options)
-        kernels[name] = KVTunerStep(batch, num_kv_heads, fmt, generator)
+        kernels[name] = KVTunerStep(batch, num_kv_heads, fmt, generator, "off" if name in VECTOR_DECODE else "amx")
     times = medians(kernels, repeats, budget_s)
     baseline = times["vLLM bf16"]
     tokens_read = int(batch.seq_lens.sum())

@@ -282,18 +282,24 @@ void load_query(const DecodeItem& it) {
   const ItemContext& c = it.c;
   const AttentionParams& p = c.p;
   const int d = it.head_size, bits = p.format.key_bits;
+  thread_local struct {
+    int bits = 0, head_size = 0;
+    int16_t channel[kMaxHeadSize];  // of key tile position t * 32 + pos
+  } order;
+  if (order.bits != bits || order.head_size != d) {
+    for (int at = 0; at < d; ++at) order.channel[at] = int16_t(key_channel(bits, d, at / 32, at % 32));
+    order.bits = bits;
+    order.head_size = d;
+  }
   std::memset(it.w.query, 0, size_t(d / 2) * it.columns * 4);
   for (int r = 0; r < it.rows; ++r) {
     const uint16_t* q = static_cast<const uint16_t*>(p.query) + row_offset(c, r, p.query_stride_token, p.query_stride_head);
+    uint16_t* words = reinterpret_cast<uint16_t*>(it.w.query);
     float sum[kMaxGroups] = {};
-    for (int tile = 0; tile < d / 32; ++tile) {
-      for (int pos = 0; pos < 32; ++pos) {
-        const int channel = key_channel(bits, d, tile, pos), g = channel / it.key_group_size;
-        uint16_t* pair = reinterpret_cast<uint16_t*>(it.w.query + (int64_t(tile) * 16 + pos / 2) * it.columns +
-                                                     r * it.key_groups + g);
-        pair[pos % 2] = q[channel];  // a pair's two channels lie in one group
-        sum[g] += bf16_to_float(q[channel]);
-      }
+    for (int at = 0; at < d; ++at) {  // position at: row at / 2 of the query tiles, word at % 2 of its pair
+      const int channel = order.channel[at], g = channel / it.key_group_size;
+      words[2 * ((at / 2) * it.columns + r * it.key_groups + g) + at % 2] = q[channel];  // a pair lies in one group
+      sum[g] += bf16_to_float(q[channel]);
     }
     for (int g = 0; g < it.key_groups; ++g) it.w.query_sum[r * kMaxGroups + g] = sum[g];
   }
@@ -716,7 +722,7 @@ void run_work_item_amx(const AttentionParams& p, const WorkItem& item, const Ite
                       chunk_tokens(p.head_size),
                       plane_side(layout, p.format, true),
                       plane_side(layout, p.format, false)};
-  prepare_rows(c, s);
+  prepare_ranges(c, s);
   const int groups = p.head_size / p.format.group_size;
   DecodeItem it{c,
                       s,

@@ -540,22 +540,30 @@ KVT_INLINE int64_t row_offset(const ItemContext& c, int r, int64_t stride_token,
   return token * stride_token + head * stride_head;
 }
 
-// Query rows in the key tile order (scaled unless softcap needs the raw scores), and each row's
-// key ranges: packed [key_begin, packed_end), full precision [full_begin, full_end).
-KVT_INLINE void prepare_rows(const ItemContext& c, const ItemScratch& s) {
+// Each row's key ranges: packed [key_begin, packed_end), full precision [full_begin, full_end).
+KVT_INLINE void prepare_ranges(const ItemContext& c, const ItemScratch& s) {
   const AttentionParams& p = c.p;
-  const int elem = elem_size(p.dtype);
-  const char* query = static_cast<const char*>(p.query);
-  const float q_scale = p.softcap > 0.0f ? 1.0f : p.scale;
   for (int r = 0; r < c.rows; ++r) {
-    load_row(query + row_offset(c, r, p.query_stride_token, p.query_stride_head) * elem, p.dtype, p.head_size, s.row);
-    float* row = s.query + int64_t(r) * p.head_size;
-    for (int ch = 0; ch < p.head_size; ++ch) row[s.key_order[ch]] = s.row[ch] * q_scale;
     const int position = c.seq.first_position + c.item.query_begin + r / c.heads_per_kv;
     const int w0 = window_start(position, p.block_size, p.format.residual_length);
     s.packed_end[r] = std::min(w0, c.item.key_end);
     s.full_begin[r] = std::max(w0, c.item.key_begin);
     s.full_end[r] = std::min(position + 1, c.item.key_end);
+  }
+}
+
+// Query rows in the key tile order (scaled unless softcap needs the raw scores), each row's key
+// ranges, and an empty online softmax.
+KVT_INLINE void prepare_rows(const ItemContext& c, const ItemScratch& s) {
+  const AttentionParams& p = c.p;
+  const int elem = elem_size(p.dtype);
+  const char* query = static_cast<const char*>(p.query);
+  const float q_scale = p.softcap > 0.0f ? 1.0f : p.scale;
+  prepare_ranges(c, s);
+  for (int r = 0; r < c.rows; ++r) {
+    load_row(query + row_offset(c, r, p.query_stride_token, p.query_stride_head) * elem, p.dtype, p.head_size, s.row);
+    float* row = s.query + int64_t(r) * p.head_size;
+    for (int ch = 0; ch < p.head_size; ++ch) row[s.key_order[ch]] = s.row[ch] * q_scale;
     s.max[r] = kNegInf;
     s.sum[r] = 0.0f;
   }
