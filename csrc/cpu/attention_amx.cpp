@@ -44,13 +44,17 @@ constexpr int kSlot = 16;      // keys per score tile
 constexpr int kSpanSlots = 4;  // slots per softmax update
 constexpr int kSpan = kSlot * kSpanSlots;
 constexpr int kSteps = kSpanSlots / 2;  // P'.V steps of 32 keys per span
+// Query operands: one per slot of a span (kivi keys: each key group scales the query its own
+// way), and one more for the window's keys.
+constexpr int kQueries = kSpanSlots + 1;
+constexpr int kWindowQuery = kSpanSlots;
 constexpr int kMaxGroups = 4;  // per-token groups per head (D / G) this kernel takes
 constexpr float kLog2e = 1.4426950408889634f;
 
 // Where the workspace's arrays lie (decode_workspace_bytes() in all, 64-byte aligned).
 struct Workspace {
   uint16_t* keys;        // [kSpanSlots][D/32] tiles of 16 keys x 32 codes (bf16)
-  uint32_t* query;       // [D/32] tiles of 16 channel pairs x N columns: row r's group g in column r * G_k + g
+  uint32_t* query;       // [kQueries][D/32] tiles of 16 channel pairs x N columns (load_query, load_kivi_query)
   float* score_tiles;    // [kSpanSlots][16][N]
   float* key_scale;      // [G_k][kSpan]
   float* key_zero;
@@ -61,7 +65,8 @@ struct Workspace {
   uint16_t* probs;       // [kSteps][G_v][16 rows][32 keys] bf16: p * value scale
   uint32_t* values;      // [kSteps][D/16] tiles of 16 key pairs x 16 channels (VNNI words)
   float* acc;            // [D/16] tiles of 16 rows x 16 channels
-  float* query_sum;      // [rows][G_k]
+  float* query_sum;      // [kQueries][rows][G_k]: what multiplies a key's zero in its score
+  float* channel_params; // [2D]: one kivi key group's (scale, zero) pairs
   float* zero_sum;       // [rows][G_v]: sum_t p * value zero
   float* row_max;        // [rows], scaled score units
   float* row_sum;        // [rows]
@@ -78,12 +83,13 @@ struct Carver {
 };
 
 constexpr size_t rounded(size_t bytes) { return (bytes + 63) / 64 * 64; }
-static_assert(rounded(2 * kSpanSlots * kMaxHeadSize * kSlot) + rounded(4 * kMaxHeadSize / 2 * 16) +
+static_assert(rounded(2 * kSpanSlots * kMaxHeadSize * kSlot) + rounded(4 * kQueries * kMaxHeadSize / 2 * 16) +
+                      rounded(4 * kQueries * kMaxDecodeRows * kMaxGroups) + rounded(8 * kMaxHeadSize) +
                       rounded(4 * kSpanSlots * 256) + 2 * rounded(4 * kMaxGroups * kSpan) +
                       rounded(4 * 32 * kMaxGroups) + rounded(4 * kMaxDecodeRows * kSpan) +
                       2 * rounded(4 * kMaxGroups * kSpan) + rounded(2 * kSteps * kMaxGroups * 512) +
                       rounded(4 * kSteps * kMaxHeadSize / 16 * 256) + rounded(4 * kMaxHeadSize / 16 * 256) +
-                      2 * rounded(4 * kMaxDecodeRows * kMaxGroups) + 2 * rounded(4 * kMaxDecodeRows) <=
+                      rounded(4 * kMaxDecodeRows * kMaxGroups) + 2 * rounded(4 * kMaxDecodeRows) <=
                   kDecodeWorkspaceBytes,
               "lay_out's arrays fit the workspace attention.cpp allocates");
 
@@ -92,7 +98,7 @@ Workspace lay_out(uint8_t* base) {
   Carver c{base};
   Workspace w;
   w.keys = c.take<uint16_t>(kSpanSlots * d * kSlot);
-  w.query = c.take<uint32_t>(d / 2 * 16);
+  w.query = c.take<uint32_t>(kQueries * d / 2 * 16);
   w.score_tiles = c.take<float>(kSpanSlots * 16 * 16);
   w.key_scale = c.take<float>(kMaxGroups * kSpan);
   w.key_zero = c.take<float>(kMaxGroups * kSpan);
@@ -103,7 +109,8 @@ Workspace lay_out(uint8_t* base) {
   w.probs = c.take<uint16_t>(size_t(kSteps) * kMaxGroups * 16 * 32);
   w.values = c.take<uint32_t>(size_t(kSteps) * d / 16 * 256);
   w.acc = c.take<float>(d / 16 * 256);
-  w.query_sum = c.take<float>(rows * kMaxGroups);
+  w.query_sum = c.take<float>(kQueries * rows * kMaxGroups);
+  w.channel_params = c.take<float>(2 * d);
   w.zero_sum = c.take<float>(rows * kMaxGroups);
   w.row_max = c.take<float>(rows);
   w.row_sum = c.take<float>(rows);
@@ -149,6 +156,13 @@ struct alignas(64) TileConfig {
 // rather than to the value, as for prefill's rounding of p itself.
 template <int kBits>
 constexpr int kMidpoint = 1 << (kBits - 1);
+
+// Keys enter the scores as bf16 words 0x4300 | code = 128 + code for 2 and 4 bits (exact, and
+// no table lookup: two cheap logic ops per 32 channels), as code - 128 for 8 bits; their zeros
+// move by -128 or +128 scale. The query's bf16 and the fp32 sums keep these exact but for fp32
+// rounding of a sum ~ 128 |q| |scale| (4 bits above the codes' own share).
+template <int kKeyBits>
+constexpr float kKeyOffset = kKeyBits == 8 ? 128.0f : -128.0f;
 
 // bf16 bits of a small integer (|v| < 256: exact).
 constexpr uint16_t bf16_of(int v) {
@@ -258,6 +272,9 @@ struct DecodeItem {
   Workspace w;
   int head_size, rows, key_groups, value_groups, columns;
   int key_group_size, value_group_size;  // channels
+  int key_token_group;                   // kivi keys: positions per key group (0: per-token keys)
+  const uint16_t* query_rows[kMaxDecodeRows];  // each row's query (bf16, channel order)
+  const int16_t* key_order;              // channel of each key tile position (key_channel)
   Columns score_columns;                 // of the score tile: `columns` wide
   Columns param_columns;                 // of a slot's (scale, zero) pairs: 2 x groups wide
   __m512i full_key_index[kMaxHeadSize / 32];  // per key tile: its channels within their 64-channel chunk
@@ -275,33 +292,104 @@ KVT_INLINE int key_channel(int bits, int head_size, int tile, int pos) {
   return base + 4 * (pos % 16) + 2 * (tile % 2) + pos / 16;  // 2-bit fields 0 and 1, then 2 and 3
 }
 
-// Query rows as the right operand of the scores: row r's channels of group g in column
-// r * key_groups + g, zeros elsewhere, in the key tiles' channel order; and each (row, group)'s
-// sum of the query.
+// key_channel of every key tile position, for one (bits, head size) at a time per thread.
+const int16_t* key_order(int bits, int head_size) {
+  thread_local struct {
+    int bits = 0, head_size = 0;
+    int16_t channel[kMaxHeadSize];
+  } order;
+  if (order.bits != bits || order.head_size != head_size) {
+    for (int at = 0; at < head_size; ++at) order.channel[at] = int16_t(key_channel(bits, head_size, at / 32, at % 32));
+    order.bits = bits;
+    order.head_size = head_size;
+  }
+  return order.channel;
+}
+
+// Word `at` (a key tile position) of column `column` of query operand `query`.
+KVT_INLINE uint16_t& query_word(const DecodeItem& it, int query, int at, int column) {
+  uint16_t* words = reinterpret_cast<uint16_t*>(it.w.query + int64_t(query) * (it.head_size / 2) * it.columns);
+  return words[2 * ((at / 2) * it.columns + column) + at % 2];
+}
+
+KVT_INLINE float* query_sums(const DecodeItem& it, int query) {
+  return it.w.query_sum + query * kMaxDecodeRows * kMaxGroups;
+}
+
+// The query rows as right operands of the scores, in the key tiles' channel order.
+// Per-token keys: one operand for every slot, row r's channels of group g in column
+// r * key_groups + g (zeros elsewhere), and each (row, group)'s sum of the query.
+// Kivi keys: the window's operand (row r in column 2r, zeros in 2r + 1).
 void load_query(const DecodeItem& it) {
   const ItemContext& c = it.c;
   const AttentionParams& p = c.p;
-  const int d = it.head_size, bits = p.format.key_bits;
-  thread_local struct {
-    int bits = 0, head_size = 0;
-    int16_t channel[kMaxHeadSize];  // of key tile position t * 32 + pos
-  } order;
-  if (order.bits != bits || order.head_size != d) {
-    for (int at = 0; at < d; ++at) order.channel[at] = int16_t(key_channel(bits, d, at / 32, at % 32));
-    order.bits = bits;
-    order.head_size = d;
-  }
-  std::memset(it.w.query, 0, size_t(d / 2) * it.columns * 4);
+  const int d = it.head_size;
+  const int query = it.key_token_group > 0 ? kWindowQuery : 0;
+  std::memset(it.w.query + int64_t(query) * (d / 2) * it.columns, 0, size_t(d / 2) * it.columns * 4);
   for (int r = 0; r < it.rows; ++r) {
-    const uint16_t* q = static_cast<const uint16_t*>(p.query) + row_offset(c, r, p.query_stride_token, p.query_stride_head);
-    uint16_t* words = reinterpret_cast<uint16_t*>(it.w.query);
+    const uint16_t* q = it.query_rows[r];
     float sum[kMaxGroups] = {};
-    for (int at = 0; at < d; ++at) {  // position at: row at / 2 of the query tiles, word at % 2 of its pair
-      const int channel = order.channel[at], g = channel / it.key_group_size;
-      words[2 * ((at / 2) * it.columns + r * it.key_groups + g) + at % 2] = q[channel];  // a pair lies in one group
+    for (int at = 0; at < d; ++at) {
+      const int channel = it.key_order[at];
+      if (it.key_token_group > 0) {
+        query_word(it, query, at, 2 * r) = q[channel];
+        continue;
+      }
+      const int g = channel / it.key_group_size;  // a pair of positions lies in one group
+      query_word(it, query, at, r * it.key_groups + g) = q[channel];
       sum[g] += bf16_to_float(q[channel]);
     }
-    for (int g = 0; g < it.key_groups; ++g) it.w.query_sum[r * kMaxGroups + g] = sum[g];
+    for (int g = 0; g < it.key_groups; ++g) query_sums(it, query)[r * kMaxGroups + g] = sum[g];
+  }
+}
+
+// Kivi keys of key group `group` of a block plane: per channel c a scale s_c and zero z_c, so
+//   score = sum_c (q_c s_c) code'_c + sum_c q_c (z_c + offset s_c),   code' = code - offset.
+// Query operand `query` gets q * s as two bf16 parts (hi = bf16(x), lo = bf16(x - hi): ~16
+// significant bits, as the keys' fp32 dequantization needs) in columns 2r and 2r + 1; the
+// constant, computed with the same rounded parts, multiplies the slot's zero (1).
+template <int kKeyBits>
+void load_kivi_query(const DecodeItem& it, const uint8_t* plane, int group, int query) {
+  const int d = it.head_size;
+  const PlaneSide& side = it.c.key_side;
+  float* params = it.w.channel_params;  // (scale, zero) per channel, then x = q * s as bf16 parts
+  halves_to_float_array(plane + side.params_offset + int64_t(group) * kParamBytesPerGroup * d, 2 * d, params);
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  alignas(64) uint16_t parts[2][kMaxHeadSize];  // hi, lo of one row, channel order
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  uint32_t* operand = it.w.query + int64_t(query) * (d / 2) * it.columns;
+  for (int r = 0; r < it.rows; ++r) {
+    const uint16_t* q = it.query_rows[r];
+    __m512 constant = _mm512_setzero_ps();
+    for (int c = 0; c < d; c += 16) {
+      const __m512 pairs_low = _mm512_loadu_ps(params + 2 * c), pairs_high = _mm512_loadu_ps(params + 2 * c + 16);
+      const __m512 scale = _mm512_permutex2var_ps(pairs_low, even, pairs_high);
+      const __m512 zero = _mm512_permutex2var_ps(pairs_low, odd, pairs_high);
+      const __m512 qv = bf16_to_floats(reinterpret_cast<const uint8_t*>(q + c));
+      const __m512 x = _mm512_mul_ps(qv, scale);
+      const __m256i hi = (__m256i)_mm512_cvtneps_pbh(x);
+      const __m512 hi_value = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16));
+      const __m256i lo = (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(x, hi_value));
+      const __m512 lo_value = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(lo), 16));
+      constant = _mm512_fmadd_ps(qv, zero, constant);
+      constant = _mm512_fmadd_ps(_mm512_add_ps(hi_value, lo_value), _mm512_set1_ps(kKeyOffset<kKeyBits>), constant);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(parts[0] + c), hi);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(parts[1] + c), lo);
+    }
+    for (int part = 0; part < 2; ++part) {  // into key tile order (as fill_full_keys), then column 2r + part
+      const __m512i column = _mm512_add_epi32(_mm512_mullo_epi32(lanes, _mm512_set1_epi32(it.columns)),
+                                              _mm512_set1_epi32(2 * r + part));
+      for (int tile = 0; tile < d / 32; ++tile) {
+        const uint16_t* chunk = parts[part] + 64 * (tile / 2);
+        const __m512i low = _mm512_load_si512(chunk);
+        const __m512i high = 64 * (tile / 2) + 32 < d ? _mm512_load_si512(chunk + 32) : low;
+        _mm512_i32scatter_epi32(operand + tile * 16 * it.columns, column,
+                                _mm512_permutex2var_epi16(low, it.full_key_index[tile], high), 4);
+      }
+    }
+    query_sums(it, query)[r * kMaxGroups] = _mm512_reduce_add_ps(constant);
+    query_sums(it, query)[r * kMaxGroups + 1] = 0.0f;
   }
 }
 
@@ -329,12 +417,6 @@ KVT_INLINE void slot_params(const DecodeItem& it, const uint8_t* params, int cou
 // rows in the model dtype (bf16 words as they are, scale 1, zero 0); either way the slot
 // fills the left tiles of Q.K^T, the value pairs of P'.V and per key (scale, zero) vectors.
 
-// Keys enter the scores as bf16 words 0x4300 | code = 128 + code for 2 and 4 bits (exact, and
-// no table lookup: two cheap logic ops per 32 channels), as code - 128 for 8 bits; their zeros
-// move by -128 or +128 scale. The query's bf16 and the fp32 sums keep these exact but for fp32
-// rounding of a sum ~ 128 |q| |scale| (4 bits above the codes' own share).
-template <int kKeyBits>
-constexpr float kKeyOffset = kKeyBits == 8 ? 128.0f : -128.0f;
 
 // The keys' codes of `count` keys of a block plane from `offset` on, as bf16 rows of `keys`, in
 // key_channel's order.
@@ -432,6 +514,7 @@ struct Slot {
   int first, count;  // positions [first, first + count)
   const int* begin;
   const int* end;
+  int query;         // the query operand its scores use
 };
 
 // `count` keys of a block plane from `offset` on into slot `slot` of the span.
@@ -449,8 +532,12 @@ KVT_INLINE void fill_packed_slot(const DecodeItem& it, const uint8_t* plane, int
   slot_params(it, plane + value.params_offset + int64_t(offset) * value.param_bytes, count, kMidpoint<kValueBits>,
               scale, zero);
   store_params(scale, zero, it.value_groups, slot, it.w.value_scale, it.w.value_zero);
-  slot_params(it, plane + key.params_offset + int64_t(offset) * key.param_bytes, count, kKeyOffset<kKeyBits>,
-              scale, zero);
+  if (it.key_token_group > 0) {  // kivi: the scales are in the query, the zeros in its constant
+    for (int g = 0; g < 2; ++g) scale[g] = zero[g] = _mm512_set1_ps(1.0f);
+  } else {
+    slot_params(it, plane + key.params_offset + int64_t(offset) * key.param_bytes, count, kKeyOffset<kKeyBits>,
+                scale, zero);
+  }
   store_params(scale, zero, it.key_groups, slot, it.w.key_scale, it.w.key_zero);
 }
 
@@ -475,19 +562,28 @@ KVT_INLINE void fill_full_slot(const DecodeItem& it, const WindowRows& rows, int
 // Consecutive reduction steps use different tiles (key tiles tmm4/tmm6, query tiles tmm1/tmm2),
 // so that a load never waits for the product before it to release its tile; with two steps
 // (D = 64) the query stays loaded.
+// The query tiles stay loaded while the item runs where one operand serves every slot and
+// fits two tiles (per-token keys, D = 64).
 template <int kHeadTiles>
-KVT_INLINE void span_scores(const DecodeItem& it, int slots) {
+KVT_INLINE bool resident_query(const DecodeItem& it) {
+  return kHeadTiles == 2 && it.key_token_group == 0;
+}
+
+template <int kHeadTiles>
+KVT_INLINE void span_scores(const DecodeItem& it, const Slot* span, int slots) {
+  const bool reload = !resident_query<kHeadTiles>(it);
   for (int slot = 0; slot < slots; ++slot) {
     const uint16_t* keys = it.w.keys + slot * kHeadTiles * 512;
+    const uint32_t* operand = it.w.query + int64_t(span[slot].query) * (it.head_size / 2) * it.columns;
     asm volatile("tilezero %%tmm0" ::);
     for (int tile = 0; tile < kHeadTiles; tile += 2) {
-      const uint32_t* query = it.w.query + tile * 16 * it.columns;
+      const uint32_t* query = operand + tile * 16 * it.columns;
       KVT_TILE_LOAD(4, keys + tile * 512, 64);
-      if constexpr (kHeadTiles > 2) KVT_TILE_LOAD(1, query, 4 * it.columns);
+      if (reload) KVT_TILE_LOAD(1, query, 4 * it.columns);
       KVT_TILE_DOT(0, 4, 1);
       if (tile + 1 < kHeadTiles) {
         KVT_TILE_LOAD(6, keys + (tile + 1) * 512, 64);
-        if constexpr (kHeadTiles > 2) KVT_TILE_LOAD(2, query + 16 * it.columns, 4 * it.columns);
+        if (reload) KVT_TILE_LOAD(2, query + 16 * it.columns, 4 * it.columns);
         KVT_TILE_DOT(0, 6, 2);
       }
     }
@@ -495,10 +591,9 @@ KVT_INLINE void span_scores(const DecodeItem& it, int slots) {
   }
 }
 
-// The query tiles that stay loaded while the item runs (D = 64).
 template <int kHeadTiles>
 KVT_INLINE void load_resident_query(const DecodeItem& it) {
-  if constexpr (kHeadTiles == 2) {
+  if (resident_query<kHeadTiles>(it)) {
     KVT_TILE_LOAD(1, it.w.query, 4 * it.columns);
     KVT_TILE_LOAD(2, it.w.query + 16 * it.columns, 4 * it.columns);
   }
@@ -521,7 +616,7 @@ KVT_INLINE void finish_scores(const DecodeItem& it, const Slot& slot, int index)
     __m512 score = _mm512_setzero_ps();
     for (int g = 0; g < it.key_groups; ++g) {
       score = _mm512_fmadd_ps(dots[r * it.key_groups + g], scale[g], score);
-      score = _mm512_fmadd_ps(zero[g], _mm512_set1_ps(it.w.query_sum[r * kMaxGroups + g]), score);
+      score = _mm512_fmadd_ps(zero[g], _mm512_set1_ps(query_sums(it, slot.query)[r * kMaxGroups + g]), score);
     }
     __mmask16 read = present & _mm512_cmplt_epi32_mask(position, _mm512_set1_epi32(slot.end[r]));
     if (slot.begin) read &= _mm512_cmpge_epi32_mask(position, _mm512_set1_epi32(slot.begin[r]));
@@ -650,7 +745,14 @@ void attend_amx(const DecodeItem& it) {
   while (packed < packed_end || full < full_end) {
     int slots = 0;
     for (; slots < kSpanSlots && packed < packed_end; ++slots) {
-      const int count = std::min({kSlot, p.block_size - offset, packed_end - packed});
+      int count = std::min({kSlot, p.block_size - offset, packed_end - packed});
+      int query = 0;
+      if (it.key_token_group > 0) {  // a slot inside one key group, whose operand is made once per span
+        count = std::min(count, it.key_token_group - offset % it.key_token_group);
+        const bool same_group = slots > 0 && offset % it.key_token_group != 0;
+        query = same_group ? span[slots - 1].query : slots;
+        if (!same_group) load_kivi_query<kKeyBits>(it, plane_of(block), offset / it.key_token_group, query);
+      }
       const uint8_t* plane = plane_of(block);
       if ((block + 1) * p.block_size < packed_end) {  // the same keys of the next block (attend_packed's reasoning)
         const uint8_t* next = plane_of(block + 1);
@@ -660,7 +762,7 @@ void attend_amx(const DecodeItem& it) {
         }
       }
       fill_packed_slot<kKeyBits, kValueBits, kHeadTiles>(it, plane, offset, count, slots);
-      span[slots] = {packed, count, nullptr, it.s.packed_end};
+      span[slots] = {packed, count, nullptr, it.s.packed_end, query};
       packed += count;
       offset += count;
       if (offset == p.block_size) {
@@ -671,10 +773,10 @@ void attend_amx(const DecodeItem& it) {
     for (; slots < kSpanSlots && packed >= packed_end && full < full_end; ++slots) {
       const int count = std::min(kSlot, full_end - full);
       fill_full_slot<kHeadTiles>(it, rows, full, count, slots);
-      span[slots] = {full, count, it.s.full_begin, it.s.full_end};
+      span[slots] = {full, count, it.s.full_begin, it.s.full_end, it.key_token_group > 0 ? kWindowQuery : 0};
       full += count;
     }
-    span_scores<kHeadTiles>(it, slots);
+    span_scores<kHeadTiles>(it, span, slots);
     for (int slot = 0; slot < slots; ++slot) finish_scores(it, span[slot], slot);
     softmax_span(it, slots);
     accumulate_span(it, slots);
@@ -706,9 +808,10 @@ bool decode_amx_takes(const AttentionParams& p, int rows) {
   const FormatArgs& f = p.format;
   const int d = p.head_size;
   if (p.dtype != ElemType::kBFloat16 || p.softcap > 0.0f || !(d == 64 || d == 96 || d == 128 || d == 256)) return false;
-  if (f.key_bits == kUnquantizedBits || f.value_bits == kUnquantizedBits || f.key_group_size > 0) return false;
+  if (f.key_bits == kUnquantizedBits || f.value_bits == kUnquantizedBits) return false;
   const int groups = p.head_size / f.group_size;
-  return groups <= kMaxGroups && rows <= kMaxDecodeRows && rows * groups <= 16;
+  const int key_groups = f.key_group_size > 0 ? 2 : groups;  // kivi: a hi and a lo column per row
+  return groups <= kMaxGroups && rows <= kMaxDecodeRows && rows * key_groups <= 16;
 }
 
 void run_work_item_amx(const AttentionParams& p, const WorkItem& item, const ItemScratch& s, float* partial) {
@@ -724,19 +827,26 @@ void run_work_item_amx(const AttentionParams& p, const WorkItem& item, const Ite
                       plane_side(layout, p.format, false)};
   prepare_ranges(c, s);
   const int groups = p.head_size / p.format.group_size;
+  const int key_groups = p.format.key_group_size > 0 ? 2 : groups;
   DecodeItem it{c,
-                      s,
-                      lay_out(s.matrix),
-                      p.head_size,
-                      c.rows,
-                      groups,
-                      groups,
-                      c.rows * groups,
-                      p.format.group_size,
-                      p.format.group_size,
-                      Columns(c.rows * groups),
-                      Columns(2 * groups),
-                      {}};
+                s,
+                lay_out(s.matrix),
+                p.head_size,
+                c.rows,
+                key_groups,
+                groups,
+                c.rows * key_groups,
+                p.format.group_size,
+                p.format.group_size,
+                p.format.key_group_size,
+                {},
+                key_order(p.format.key_bits, p.head_size),
+                Columns(c.rows * key_groups),
+                Columns(2 * groups),
+                {}};
+  for (int r = 0; r < c.rows; ++r) {
+    it.query_rows[r] = static_cast<const uint16_t*>(p.query) + row_offset(c, r, p.query_stride_token, p.query_stride_head);
+  }
   for (int tile = 0; tile < p.head_size / 32; ++tile) {
     alignas(64) uint16_t index[32];
     for (int pos = 0; pos < 32; ++pos) index[pos] = uint16_t(key_channel(p.format.key_bits, p.head_size, tile, pos) % 64);

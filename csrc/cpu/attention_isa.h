@@ -52,7 +52,7 @@ struct ItemScratch {
 // The AMX decode kernel (attention_amx.cpp): query rows per item it takes at most, and its
 // workspace per thread.
 constexpr int kMaxDecodeRows = 16;
-constexpr size_t kDecodeWorkspaceBytes = size_t(160) << 10;
+constexpr size_t kDecodeWorkspaceBytes = size_t(256) << 10;
 
 // Whether the AMX decode kernel takes items of `rows` query rows of this step (bfloat16, keys
 // and values both packed with per-token groups, no softcap); the caller checks the CPU.

@@ -1,8 +1,9 @@
 """paged_attention's AMX decode kernel (csrc/cpu/attention_amx.cpp) against format.paged_attention_ref.
 
 The kernel takes short-query items (decodes, speculative steps) of bfloat16 models whose keys and
-values are both packed with per-token groups: Q.codes^T and P'.codes on AMX tiles, the codes as
-exact bf16 operands, scales and zeros applied in fp32 around the products. Against the fp32
+values are both packed (per-token groups or kivi keys): Q.codes^T and P'.codes on AMX tiles, the
+codes as exact bf16 operands, scales and zeros applied in fp32 around the products (kivi keys'
+per-channel scales in the query, as two bf16 parts). Against the fp32
 reference it rounds one thing, each weight p * value scale to bf16 (2^-9 relative), with the codes
 centred on their midpoint so that the rounding scales with a value's distance from its group's
 middle, as the prefill kernel's rounding of p does. The tests use the kernel tests' bf16
@@ -67,26 +68,44 @@ def test_head_and_group_sizes(head_size, group_size, num_q_heads, num_kv_heads, 
     check(batch, monkeypatch)
 
 
-@pytest.mark.parametrize("window", [0, 16])
-def test_speculative_rows(window, monkeypatch):
+@pytest.mark.parametrize("window,key_group_size", [(0, 0), (16, 0), (32, 16)])
+def test_speculative_rows(window, key_group_size, monkeypatch):
     """Items of several query tokens: each row reads its own packed range and window."""
-    fmt = layer_format(4, 4, 64, 32, window=window)
+    fmt = layer_format(4, 4, 64, 32, window=window, key_group_size=key_group_size)
     batch = make_batch(fmt, [70, 129, 33, 250], [3, 4, 2, 5], num_q_heads=6, num_kv_heads=2, block_size=32)
     check(batch, monkeypatch)
 
 
-def test_long_context_partitions(monkeypatch):
+# Kivi keys (per-channel scales over key groups of G_t positions): key group sizes, windows of one
+# or two groups, every packed bit pair.
+@pytest.mark.parametrize("key_bits,value_bits", PACKED_BIT_PAIRS)
+@pytest.mark.parametrize("key_group_size,window,block_size", [(16, 16, 16), (32, 64, 64), (64, 64, 128)])
+def test_kivi_keys(key_bits, value_bits, key_group_size, window, block_size, monkeypatch):
+    fmt = layer_format(key_bits, value_bits, 64, 32, window=window, key_group_size=key_group_size)
+    batch = make_batch(fmt, RAGGED_SEQ_LENS, [1] * len(RAGGED_SEQ_LENS), num_q_heads=9, num_kv_heads=3,
+                       block_size=block_size)
+    check(batch, monkeypatch)
+
+
+@pytest.mark.parametrize("head_size,group_size,num_q_heads", [(128, 64, 8), (96, 32, 2), (256, 128, 4)])
+def test_kivi_head_sizes(head_size, group_size, num_q_heads, monkeypatch):
+    fmt = layer_format(4, 2, head_size, group_size, window=32, key_group_size=32)
+    batch = make_batch(fmt, [1, 40, 129, 300], [1, 1, 1, 1], num_q_heads, num_kv_heads=2, block_size=64)
+    check(batch, monkeypatch)
+
+
+@pytest.mark.parametrize("key_group_size", [0, 32])
+def test_long_context_partitions(key_group_size, monkeypatch):
     """Two long sequences: their keys split into partitions merged afterwards."""
-    fmt = layer_format(4, 2, 64, 64, window=32)
+    fmt = layer_format(4, 2, 64, 64, window=32, key_group_size=key_group_size)
     batch = make_batch(fmt, [3000, 2100], [1, 1], num_q_heads=9, num_kv_heads=3, block_size=128)
     check(batch, monkeypatch)
 
 
 @pytest.mark.parametrize(
     "fmt",
-    [layer_format(16, 4, 64, 32), layer_format(4, 16, 64, 32), layer_format(4, 4, 64, 32, torch.float16),
-     layer_format(4, 4, 64, 32, window=32, key_group_size=16)],
-    ids=["16-bit keys", "16-bit values", "fp16", "kivi keys"],
+    [layer_format(16, 4, 64, 32), layer_format(4, 16, 64, 32), layer_format(4, 4, 64, 32, torch.float16)],
+    ids=["16-bit keys", "16-bit values", "fp16"],
 )
 def test_other_formats_stay_on_vectors(fmt, monkeypatch):
     """What the kernel does not take runs on the vector kernel: identical outputs either way."""
