@@ -9,9 +9,10 @@
 //                     are exact in bf16), right = the query rows split by group (exact: the
 //                     query is bf16); scales applied per key afterwards, in fp32.
 //   out(r, c)    = sum_t (p[r,t] * s[t,g(c)]) * code[t,c] + sum_t p[r,t] * z[t,g(c)]
-//                  -- P'.codes on AMX: left = p * s per value group as bf16 (the one rounding
-//                     this kernel adds, 2^-9 relative per weight, as the prefill kernel and
-//                     vLLM's own bf16 path round their probabilities), right = value codes as
+//                  -- P'.codes on AMX: left = p * s per value group as bf16 (for 2- and 4-bit
+//                     values the one rounding this kernel adds, 2^-9 relative per weight, as
+//                     the prefill kernel and vLLM's own bf16 path round their probabilities;
+//                     8-bit values take two bf16 parts, kSplitWeights), right = value codes as
 //                     bf16 in VNNI pairs; the zeros' share summed apart in fp32.
 // Codes enter both products centred (kMidpoint), which keeps the weights' rounding as small as
 // rounding p times the values would be.
@@ -43,7 +44,15 @@ namespace {
 constexpr int kSlot = 16;      // keys per score tile
 constexpr int kSpanSlots = 4;  // slots per softmax update
 constexpr int kSpan = kSlot * kSpanSlots;
-constexpr int kSteps = kSpanSlots / 2;  // P'.V steps of 32 keys per span
+// P'.V steps per span, at most: one per slot where the weights are split into two bf16 parts
+// (8-bit values), else one per two slots.
+constexpr int kSteps = kSpanSlots;
+
+// 8-bit values keep their weights to ~16 significant bits (hi + lo bf16 parts): their own
+// quantization error is small enough that one bf16 rounding of p * scale would double it. At 4 and
+// 2 bits it is far below the codes' error, and one rounding saves half the products.
+template <int kValueBits>
+constexpr bool kSplitWeights = kValueBits == 8;
 // Query operands: one per slot of a span (kivi keys: each key group scales the query its own
 // way), and one more for the window's keys.
 constexpr int kQueries = kSpanSlots + 1;
@@ -62,8 +71,8 @@ struct Workspace {
   float* scores;         // [rows][kSpan], scaled; -inf where a row does not read the key
   float* value_scale;    // [G_v][kSpan]
   float* value_zero;
-  uint16_t* probs;       // [kSteps][G_v][16 rows][32 keys] bf16: p * value scale
-  uint32_t* values;      // [kSteps][D/16] tiles of 16 key pairs x 16 channels (VNNI words)
+  uint16_t* probs;       // [kSteps][G_v][16 rows][32] bf16 p * value scale: 32 keys, or hi|lo of 16
+  uint32_t* values;      // [kSteps][D/16] tiles of 16 key pairs x 16 channels (VNNI words; split: 8 pairs twice)
   float* acc;            // [D/16] tiles of 16 rows x 16 channels
   float* query_sum;      // [kQueries][rows][G_k]: what multiplies a key's zero in its score
   float* channel_params; // [2D]: one kivi key group's (scale, zero) pairs
@@ -485,17 +494,24 @@ KVT_INLINE void fill_full_keys(const DecodeItem& it, const FullRows& rows, int f
 }
 
 // Value rows as bf16 words (two keys of a pair, 32 channels a call) -> the pair rows of P'.V:
-// rows 8 * (slot % 2) on of step slot / 2; absent keys are zeros.
-template <int kHeadTiles, typename Words>
+// rows 8 * (slot % 2) on of step slot / 2, or with split weights rows 0 and 8 on of step slot
+// (the hi and the lo parts meet the same pairs); absent keys are zeros.
+template <int kHeadTiles, bool kSplit, typename Words>
 KVT_INLINE void fill_value_pairs(const DecodeItem& it, int count, int slot, Words words) {
-  uint32_t* out = it.w.values + (slot / 2) * (2 * kHeadTiles * 256) + (slot % 2) * 8 * 16;
+  uint32_t* out = kSplit ? it.w.values + slot * (2 * kHeadTiles * 256)
+                         : it.w.values + (slot / 2) * (2 * kHeadTiles * 256) + (slot % 2) * 8 * 16;
   for (int pair = 0; pair < 8; ++pair, out += 16) {
     const bool first = 2 * pair < count, second = 2 * pair + 1 < count;
     for (int tile = 0; tile < kHeadTiles; ++tile) {
       const __m512i a = first ? words(2 * pair, tile) : _mm512_setzero_si512();
       const __m512i b = second ? words(2 * pair + 1, tile) : _mm512_setzero_si512();
-      _mm512_storeu_si512(out + 2 * tile * 256, _mm512_unpacklo_epi16(a, b));
-      _mm512_storeu_si512(out + (2 * tile + 1) * 256, _mm512_unpackhi_epi16(a, b));
+      const __m512i low = _mm512_unpacklo_epi16(a, b), high = _mm512_unpackhi_epi16(a, b);
+      _mm512_storeu_si512(out + 2 * tile * 256, low);
+      _mm512_storeu_si512(out + (2 * tile + 1) * 256, high);
+      if constexpr (kSplit) {
+        _mm512_storeu_si512(out + 2 * tile * 256 + 8 * 16, low);
+        _mm512_storeu_si512(out + (2 * tile + 1) * 256 + 8 * 16, high);
+      }
     }
   }
 }
@@ -525,7 +541,7 @@ KVT_INLINE void fill_packed_slot(const DecodeItem& it, const uint8_t* plane, int
   fill_packed_keys<kKeyBits, kHeadTiles>(it, plane, offset, count, it.w.keys + slot * kHeadTiles * 512);
   const __m512i table = lookup_table<kValueBits>();
   const uint8_t* codes = plane + value.codes_offset + int64_t(offset) * value.code_bytes;
-  fill_value_pairs<kHeadTiles>(it, count, slot, [&](int t, int tile) {
+  fill_value_pairs<kHeadTiles, kSplitWeights<kValueBits>>(it, count, slot, [&](int t, int tile) {
     return codes_to_bf16<kValueBits>(codes + t * value.code_bytes, tile * 32, table);
   });
   __m512 scale[kMaxGroups], zero[kMaxGroups];
@@ -542,10 +558,10 @@ KVT_INLINE void fill_packed_slot(const DecodeItem& it, const uint8_t* plane, int
 }
 
 // Window positions [first, first + count) into slot `slot` of the span (scale 1, zero 0).
-template <int kHeadTiles>
+template <int kHeadTiles, bool kSplit>
 KVT_INLINE void fill_full_slot(const DecodeItem& it, const WindowRows& rows, int first, int count, int slot) {
   fill_full_keys<kHeadTiles>(it, rows.keys, first, count, it.w.keys + slot * kHeadTiles * 512);
-  fill_value_pairs<kHeadTiles>(it, count, slot, [&](int t, int tile) {
+  fill_value_pairs<kHeadTiles, kSplit>(it, count, slot, [&](int t, int tile) {
     return _mm512_loadu_si512(static_cast<const uint8_t*>(rows.values.row(first + t)) + 64 * tile);
   });
   __m512 scale[kMaxGroups], zero[kMaxGroups];
@@ -636,8 +652,10 @@ KVT_INLINE void rescale_row(const DecodeItem& it, int r, float factor) {
   for (int g = 0; g < it.value_groups; ++g) it.w.zero_sum[r * kMaxGroups + g] *= factor;
 }
 
-// The span's online-softmax update of every row, and the left tiles of P'.V: per step of two
-// slots, value group and row, p * scale as bf16 for the step's 32 keys (zeros past the last slot).
+// The span's online-softmax update of every row, and the left tiles of P'.V: per step, value
+// group and row, p * scale as bf16 for the step's 32 keys (two slots; zeros past the last slot),
+// or with split weights its two parts for one slot's 16 keys.
+template <bool kSplit>
 void softmax_span(const DecodeItem& it, int slots) {
   const Workspace& w = it.w;
   for (int r = 0; r < it.rows; ++r) {
@@ -673,8 +691,19 @@ void softmax_span(const DecodeItem& it, int slots) {
           weight[half] = _mm512_mul_ps(p[half], _mm512_loadu_ps(w.value_scale + at));
           zero_sum[g] = _mm512_fmadd_ps(p[half], _mm512_loadu_ps(w.value_zero + at), zero_sum[g]);
         }
-        _mm512_storeu_si512(w.probs + ((int64_t(step) * kMaxGroups + g) * 16 + r) * 32,
-                            (__m512i)_mm512_cvtne2ps_pbh(weight[1], weight[0]));
+        if constexpr (kSplit) {  // step k = slot k: [hi | lo] of its 16 weights
+          for (int half = 0; half < 2 && 2 * step + half < slots; ++half) {
+            const __m256i hi = (__m256i)_mm512_cvtneps_pbh(weight[half]);
+            const __m512 hi_value = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16));
+            const __m256i lo = (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(weight[half], hi_value));
+            uint16_t* row = w.probs + ((int64_t(2 * step + half) * kMaxGroups + g) * 16 + r) * 32;
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(row), hi);
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + 16), lo);
+          }
+        } else {
+          _mm512_storeu_si512(w.probs + ((int64_t(step) * kMaxGroups + g) * 16 + r) * 32,
+                              (__m512i)_mm512_cvtne2ps_pbh(weight[1], weight[0]));
+        }
       }
     }
     w.row_sum[r] += _mm512_reduce_add_ps(sum);
@@ -682,16 +711,17 @@ void softmax_span(const DecodeItem& it, int slots) {
   }
 }
 
-// acc += P'.V for the span's steps of 32 keys (two slots). Two accumulator tiles stay on the
+// acc += P'.V for the span's steps (32 reduction steps each). Two accumulator tiles stay on the
 // unit over the span's steps, so that the products chain on the unit instead of through memory.
+template <bool kSplit>
 void accumulate_span(const DecodeItem& it, int slots) {
-  const int tiles = it.head_size / 16;
+  const int tiles = it.head_size / 16, steps = kSplit ? slots : (slots + 1) / 2;
   for (int tile = 0; tile < tiles; tile += 2) {
     const int group = tile * 16 / it.value_group_size;  // a pair of tiles lies in one 32-channel run
     float* acc = it.w.acc + tile * 256;
     KVT_TILE_LOAD(5, acc, 64);
     KVT_TILE_LOAD(7, acc + 256, 64);
-    for (int step = 0; 2 * step < slots; ++step) {
+    for (int step = 0; step < steps; ++step) {
       const uint32_t* values = it.w.values + (int64_t(step) * tiles + tile) * 256;
       KVT_TILE_LOAD(3, it.w.probs + (int64_t(step) * kMaxGroups + group) * 16 * 32, 64);
       KVT_TILE_LOAD(4, values, 64);
@@ -772,14 +802,14 @@ void attend_amx(const DecodeItem& it) {
     }
     for (; slots < kSpanSlots && packed >= packed_end && full < full_end; ++slots) {
       const int count = std::min(kSlot, full_end - full);
-      fill_full_slot<kHeadTiles>(it, rows, full, count, slots);
+      fill_full_slot<kHeadTiles, kSplitWeights<kValueBits>>(it, rows, full, count, slots);
       span[slots] = {full, count, it.s.full_begin, it.s.full_end, it.key_token_group > 0 ? kWindowQuery : 0};
       full += count;
     }
     span_scores<kHeadTiles>(it, span, slots);
     for (int slot = 0; slot < slots; ++slot) finish_scores(it, span[slot], slot);
-    softmax_span(it, slots);
-    accumulate_span(it, slots);
+    softmax_span<kSplitWeights<kValueBits>>(it, slots);
+    accumulate_span<kSplitWeights<kValueBits>>(it, slots);
   }
 }
 
