@@ -34,7 +34,9 @@
 #define KVT_DECODE_AMX 1
 #endif
 
+#include "cpu/amx_tiles.h"
 #include "cpu/attention_kernel.h"
+#include "cpu/exp2_avx512.h"
 
 namespace kvtuner::cpu {
 
@@ -132,28 +134,12 @@ Workspace lay_out(uint8_t* base) {
 
 // tmm0 scores (16 keys x N), tmm1/tmm2 query (16 pairs x N), tmm4/tmm6 keys (16 x 32 bf16) and
 // then values (16 pairs x 16 words); tmm3 probs (rows x 32 bf16), tmm5/tmm7 accumulators (rows x 16).
-struct alignas(64) TileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t bytes_per_row[16] = {};
-  uint8_t rows[16] = {};
-
-  TileConfig(int columns, int query_rows) {
-    const int shape[8][2] = {{16, 4 * columns}, {16, 4 * columns}, {16, 4 * columns}, {query_rows, 64},
-                             {16, 64},          {query_rows, 64},  {16, 64},          {query_rows, 64}};
-    for (int t = 0; t < 8; ++t) {
-      rows[t] = uint8_t(shape[t][0]);
-      bytes_per_row[t] = uint16_t(shape[t][1]);
-    }
-  }
-};
-
-#define KVT_TILE_LOAD(tile, base, stride) \
-  asm volatile("tileloadd (%0,%1,1), %%tmm" #tile ::"r"(base), "r"(int64_t(stride)) : "memory")
-#define KVT_TILE_STORE(tile, base, stride) \
-  asm volatile("tilestored %%tmm" #tile ", (%0,%1,1)" ::"r"(base), "r"(int64_t(stride)) : "memory")
-#define KVT_TILE_DOT(acc, left, right) asm volatile("tdpbf16ps %%tmm" #right ", %%tmm" #left ", %%tmm" #acc ::)
+TileConfig decode_tiles(int columns, int query_rows) {
+  TileConfig config;
+  for (int tile : {0, 1, 2}) config.set(tile, 16, 4 * columns);
+  for (int tile : {3, 5, 7}) config.set(tile, query_rows, 64);
+  return config;
+}
 
 // ---------------------------------------------------------------------------------------
 // Codes -> bf16 words, 32 channels at a time, in channel order
@@ -259,20 +245,11 @@ struct Columns {
 // The item
 // ---------------------------------------------------------------------------------------
 
-// 2^x for x <= 0, relative error < 3e-6 (prefill_attention.cpp's fit); exactly 0 below -100
-// (and for -inf), so that no denormal ever reaches the products: each costs a microcode assist,
-// and a softmax over long contexts has many weights that small.
+// 2^x for x <= 0; exactly 0 below -100 (and for -inf), so that no denormal ever reaches the
+// products: each costs a microcode assist, and a softmax over long contexts has many weights that small.
 KVT_INLINE __m512 exp2_nonpositive(__m512 x) {
   const __mmask16 representable = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-100.0f), _CMP_GE_OQ);
-  x = _mm512_max_ps(x, _mm512_set1_ps(-100.0f));
-  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(x, n);
-  __m512 p = _mm512_set1_ps(9.570102207362652e-3f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.591786280274391e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.40247443318367e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931217908859253e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.999992847442627e-1f));
-  return _mm512_maskz_scalef_ps(representable, p, n);
+  return _mm512_maskz_mov_ps(representable, exp2_fit(_mm512_max_ps(x, _mm512_set1_ps(-100.0f))));
 }
 
 struct DecodeItem {
@@ -330,8 +307,6 @@ KVT_INLINE float* query_sums(const DecodeItem& it, int query) {
 // r * key_groups + g (zeros elsewhere), and each (row, group)'s sum of the query.
 // Kivi keys: the window's operand (row r in column 2r, zeros in 2r + 1).
 void load_query(const DecodeItem& it) {
-  const ItemContext& c = it.c;
-  const AttentionParams& p = c.p;
   const int d = it.head_size;
   const int query = it.key_token_group > 0 ? kWindowQuery : 0;
   std::memset(it.w.query + int64_t(query) * (d / 2) * it.columns, 0, size_t(d / 2) * it.columns * 4);
@@ -591,7 +566,7 @@ KVT_INLINE void span_scores(const DecodeItem& it, const Slot* span, int slots) {
   for (int slot = 0; slot < slots; ++slot) {
     const uint16_t* keys = it.w.keys + slot * kHeadTiles * 512;
     const uint32_t* operand = it.w.query + int64_t(span[slot].query) * (it.head_size / 2) * it.columns;
-    asm volatile("tilezero %%tmm0" ::);
+    KVT_TILE_ZERO(0);
     for (int tile = 0; tile < kHeadTiles; tile += 2) {
       const uint32_t* query = operand + tile * 16 * it.columns;
       KVT_TILE_LOAD(4, keys + tile * 512, 64);
@@ -845,16 +820,7 @@ bool decode_amx_takes(const AttentionParams& p, int rows) {
 }
 
 void run_work_item_amx(const AttentionParams& p, const WorkItem& item, const ItemScratch& s, float* partial) {
-  const int heads_per_kv = p.num_q_heads / p.num_kv_heads;
-  const PlaneLayout layout(p.format, p.head_size, elem_size(p.dtype), p.block_size);
-  const ItemContext c{p,
-                      item,
-                      sequence_rows(p, item.seq),
-                      heads_per_kv,
-                      item.query_count * heads_per_kv,
-                      chunk_tokens(p.head_size),
-                      plane_side(layout, p.format, true),
-                      plane_side(layout, p.format, false)};
+  const ItemContext c = item_context(p, item);
   prepare_ranges(c, s);
   const int groups = p.head_size / p.format.group_size;
   const int key_groups = p.format.key_group_size > 0 ? 2 : groups;
@@ -889,14 +855,13 @@ void run_work_item_amx(const AttentionParams& p, const WorkItem& item, const Ite
     for (int g = 0; g < kMaxGroups; ++g) it.w.zero_sum[r * kMaxGroups + g] = 0.0f;
   }
   load_query(it);
-  const TileConfig config(it.columns, c.rows);
-  asm volatile("ldtilecfg %0" ::"m"(config));
+  amx_configure(decode_tiles(it.columns, c.rows));
   switch (p.format.key_bits) {
     case 2: attend_amx_keys<2>(it); break;
     case 4: attend_amx_keys<4>(it); break;
     default: attend_amx_keys<8>(it); break;
   }
-  asm volatile("tilerelease" ::: "memory");
+  amx_release();
   store_accumulators(it);
   finish_rows(c, s, partial);
 }

@@ -604,18 +604,22 @@ KVT_INLINE PlaneSide plane_side(const PlaneLayout& layout, const FormatArgs& f, 
           f.value_bits, 0};
 }
 
-// The item, start to end: query rows in, every key range attended, rows out.
-KVT_INLINE void run_item(const AttentionParams& p, const WorkItem& item, const ItemScratch& s, float* partial) {
+KVT_INLINE ItemContext item_context(const AttentionParams& p, const WorkItem& item) {
   const int heads_per_kv = p.num_q_heads / p.num_kv_heads;
   const PlaneLayout layout(p.format, p.head_size, elem_size(p.dtype), p.block_size);
-  const ItemContext c{p,
-                      item,
-                      sequence_rows(p, item.seq),
-                      heads_per_kv,
-                      item.query_count * heads_per_kv,
-                      chunk_tokens(p.head_size),
-                      plane_side(layout, p.format, true),
-                      plane_side(layout, p.format, false)};
+  return {p,
+          item,
+          sequence_rows(p, item.seq),
+          heads_per_kv,
+          item.query_count * heads_per_kv,
+          chunk_tokens(p.head_size),
+          plane_side(layout, p.format, true),
+          plane_side(layout, p.format, false)};
+}
+
+// The item, start to end: query rows in, every key range attended, rows out.
+KVT_INLINE void run_item(const AttentionParams& p, const WorkItem& item, const ItemScratch& s, float* partial) {
+  const ItemContext c = item_context(p, item);
   prepare_rows(c, s);
   switch (p.head_size / kLanes) {
     case 4: attend_item<4>(c, s); break;

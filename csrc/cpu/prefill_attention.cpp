@@ -214,6 +214,7 @@ Workspace thread_workspace(int rows, int head_size) {
 #endif
 #define KVT_PREFILL_TARGET_REGION 1
 
+#include "cpu/exp2_avx512.h"
 #include "cpu/prefill_matmul.h"
 #include "cpu/prefill_tiles.h"
 
@@ -224,19 +225,6 @@ static_assert(kMaxKeyTile == ::kvtuner::cpu::kMaxKeyTile, "one key tile size");
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kLog2e = 1.4426950408889634f;
 
-// 2^x (NaN for -inf: callers mask those lanes): 2^round(x) by vscalefps times a degree-4 fit of
-// 2^f on [-1/2, 1/2] (relative error < 3e-6, far below the bf16 rounding the probabilities then
-// take).
-inline __m512 exp2_approx(__m512 x) {
-  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(x, n);
-  __m512 p = _mm512_set1_ps(9.570102207362652e-3f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.591786280274391e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.40247443318367e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931217908859253e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.999992847442627e-1f));
-  return _mm512_scalef_ps(p, n);
-}
 
 // Probabilities enter the row sum as the bf16 values the unit multiplies (one dot product with
 // ones adds a pair per lane), so the output is an exact weighted mean of the tile's values.
@@ -301,8 +289,8 @@ inline void softmax_row(const Item& it, int r, int local, int width, const float
   float* row_sum = it.w.row_sum + int64_t(r) * 16;
   __m512 sum = _mm512_loadu_ps(row_sum);
   for (int k = 0; k < width / 32; ++k) {
-    const __m512 low = exp2_approx(_mm512_fmsub_ps(_mm512_loadu_ps(scores + 512 * k), scale, bias));
-    const __m512 high = exp2_approx(_mm512_fmsub_ps(_mm512_loadu_ps(scores + 512 * k + 256), scale, bias));
+    const __m512 low = exp2_fit(_mm512_fmsub_ps(_mm512_loadu_ps(scores + 512 * k), scale, bias));
+    const __m512 high = exp2_fit(_mm512_fmsub_ps(_mm512_loadu_ps(scores + 512 * k + 256), scale, bias));
     const __m512i bf = (__m512i)_mm512_cvtne2ps_pbh(high, low);
     _mm512_storeu_si512(probs + 512 * k, bf);
     sum = add_pairs(sum, bf);
@@ -349,9 +337,9 @@ inline void softmax_row_masked(const Item& it, int r, int local, int key_begin, 
   __m512 sum = _mm512_loadu_ps(row_sum);
   for (int v = 0; v < width / 16; v += 2) {
     const __m512 low = _mm512_maskz_mov_ps(from_packed[v] | from_full[v],
-                                           exp2_approx(_mm512_fmsub_ps(s[v], scale, bias)));
+                                           exp2_fit(_mm512_fmsub_ps(s[v], scale, bias)));
     const __m512 high = _mm512_maskz_mov_ps(from_packed[v + 1] | from_full[v + 1],
-                                            exp2_approx(_mm512_fmsub_ps(s[v + 1], scale, bias)));
+                                            exp2_fit(_mm512_fmsub_ps(s[v + 1], scale, bias)));
     const __m512i bf = (__m512i)_mm512_cvtne2ps_pbh(high, low);
     sum = add_pairs(sum, bf);
     const __mmask32 packed_pair = __mmask32(from_packed[v]) | (__mmask32(from_packed[v + 1]) << 16);

@@ -29,6 +29,8 @@
 
 #include <cstdint>
 
+#include "cpu/amx_tiles.h"
+
 namespace kvtuner::cpu::prefill {
 
 // Keys per tile, at most. A tile's width is a multiple of 32 (one reduction step of P.V).
@@ -47,38 +49,16 @@ struct KeyRange {
 };
 
 // ---------------------------------------------------------------------------------------
-// AMX: tmm0-3 accumulate (2 x 2 tiles), tmm4-5 hold left tiles, tmm6-7 right tiles, all 16
-// rows x 64 bytes. The asm statements clobber memory so that the compiler keeps tile stores
-// ahead of the vector code that reads them.
+// AMX (amx_tiles.h): tmm0-3 accumulate (2 x 2 tiles), tmm4-5 hold left tiles, tmm6-7 right
+// tiles, all 16 rows x 64 bytes.
 // ---------------------------------------------------------------------------------------
 
-struct alignas(64) TileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t bytes_per_row[16] = {};
-  uint8_t rows[16] = {};
-
-  TileConfig() {
-    for (int t = 0; t < 8; ++t) {
-      bytes_per_row[t] = 64;
-      rows[t] = 16;
-    }
-  }
-};
-
 inline void amx_begin() {
-  static const TileConfig config;
-  asm volatile("ldtilecfg %0" ::"m"(config));
+  static const TileConfig config;  // every tile 16 rows x 64 bytes
+  amx_configure(config);
 }
 
-inline void amx_end() { asm volatile("tilerelease" ::: "memory"); }
-
-#define KVT_TILE_LOAD(tile, base) asm volatile("tileloadd (%0,%1,1), %%tmm" #tile ::"r"(base), "r"(int64_t(64)) : "memory")
-#define KVT_TILE_STORE(tile, base) \
-  asm volatile("tilestored %%tmm" #tile ", (%0,%1,1)" ::"r"(base), "r"(int64_t(64)) : "memory")
-#define KVT_TILE_ZERO(tile) asm volatile("tilezero %%tmm" #tile ::)
-#define KVT_TILE_DOT(acc, left, right) asm volatile("tdpbf16ps %%tmm" #right ", %%tmm" #left ", %%tmm" #acc ::)
+inline void amx_end() { amx_release(); }
 
 // Where the tiles of one product lie (byte offsets between tiles).
 struct TileGrid {
@@ -93,11 +73,11 @@ template <bool kTwoBands, bool kAccumulate>
 inline void amx_block(const uint8_t* a, const uint8_t* b, uint8_t* c, int steps, const TileGrid& g) {
   uint8_t* c_low = c + g.out_band;
   if constexpr (kAccumulate) {
-    KVT_TILE_LOAD(0, c);
-    KVT_TILE_LOAD(1, c + kTileBytes);
+    KVT_TILE_LOAD(0, c, 64);
+    KVT_TILE_LOAD(1, c + kTileBytes, 64);
     if constexpr (kTwoBands) {
-      KVT_TILE_LOAD(2, c_low);
-      KVT_TILE_LOAD(3, c_low + kTileBytes);
+      KVT_TILE_LOAD(2, c_low, 64);
+      KVT_TILE_LOAD(3, c_low + kTileBytes, 64);
     }
   } else {
     KVT_TILE_ZERO(0);
@@ -110,22 +90,22 @@ inline void amx_block(const uint8_t* a, const uint8_t* b, uint8_t* c, int steps,
   for (int s = 0; s < steps; ++s) {
     const uint8_t* left = a + s * g.left_step;
     const uint8_t* right = b + s * g.right_step;
-    KVT_TILE_LOAD(4, left);
-    KVT_TILE_LOAD(6, right);
+    KVT_TILE_LOAD(4, left, 64);
+    KVT_TILE_LOAD(6, right, 64);
     KVT_TILE_DOT(0, 4, 6);
-    KVT_TILE_LOAD(7, right + kTileBytes);
+    KVT_TILE_LOAD(7, right + kTileBytes, 64);
     KVT_TILE_DOT(1, 4, 7);
     if constexpr (kTwoBands) {
-      KVT_TILE_LOAD(5, left + g.left_band);
+      KVT_TILE_LOAD(5, left + g.left_band, 64);
       KVT_TILE_DOT(2, 5, 6);
       KVT_TILE_DOT(3, 5, 7);
     }
   }
-  KVT_TILE_STORE(0, c);
-  KVT_TILE_STORE(1, c + kTileBytes);
+  KVT_TILE_STORE(0, c, 64);
+  KVT_TILE_STORE(1, c + kTileBytes, 64);
   if constexpr (kTwoBands) {
-    KVT_TILE_STORE(2, c_low);
-    KVT_TILE_STORE(3, c_low + kTileBytes);
+    KVT_TILE_STORE(2, c_low, 64);
+    KVT_TILE_STORE(3, c_low + kTileBytes, 64);
   }
 }
 
@@ -174,10 +154,6 @@ inline void amx_accumulate(const uint16_t* probs, const uint32_t* values, int he
                     (keys_range.end - keys_range.begin) / 32, head_size / 32, g, bands);
 }
 
-#undef KVT_TILE_LOAD
-#undef KVT_TILE_STORE
-#undef KVT_TILE_ZERO
-#undef KVT_TILE_DOT
 
 // ---------------------------------------------------------------------------------------
 // AVX512-BF16: vdpbf16ps adds a[2i] * b[2i] + a[2i+1] * b[2i+1] into fp32 lane i, so a row of a
