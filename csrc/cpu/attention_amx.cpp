@@ -1,28 +1,28 @@
 // The decode kernel on AMX (attention_isa.h: run_work_item_amx): short-query items of bfloat16
-// models whose keys and values are both packed (per-token groups), with the exact v2 semantics
-// of format.paged_attention_ref. The vector kernel dequantizes every key and value to fp32 and
-// spends its time on that and on per-row dot products; here the codes themselves are the
+// models whose keys and values are both packed (per-token groups or kivi keys), with the exact v2
+// semantics of format.paged_attention_ref. The vector kernel dequantizes every key and value to
+// fp32 and spends its time on that and on per-row dot products; here the codes themselves are the
 // matrix operands, and the scales and zeros move to the side that is small:
 //
 //   score(r, t) = sum_g s[t,g] * (q_r . codes_t)|g + z[t,g] * sum(q_r|g)
 //                  -- Q.codes^T on AMX: left = 16 keys x 32 codes as bf16 (integers up to 255
 //                     are exact in bf16), right = the query rows split by group (exact: the
-//                     query is bf16); scales applied per key afterwards, in fp32.
+//                     query is bf16); scales applied per key afterwards, in fp32. Kivi keys'
+//                     per-channel scales go into the query instead (load_kivi_query).
 //   out(r, c)    = sum_t (p[r,t] * s[t,g(c)]) * code[t,c] + sum_t p[r,t] * z[t,g(c)]
 //                  -- P'.codes on AMX: left = p * s per value group as bf16 (for 2- and 4-bit
 //                     values the one rounding this kernel adds, 2^-9 relative per weight, as
 //                     the prefill kernel and vLLM's own bf16 path round their probabilities;
 //                     8-bit values take two bf16 parts, kSplitWeights), right = value codes as
 //                     bf16 in VNNI pairs; the zeros' share summed apart in fp32.
-// Codes enter both products centred (kMidpoint), which keeps the weights' rounding as small as
-// rounding p times the values would be.
+// Value codes enter centred (kMidpoint), which keeps the weights' rounding as small as rounding p
+// times the values would be; key codes enter as 128 + code (kKeyOffset), which costs no lookup.
 //
-// A code becomes its bf16 word with one table lookup (vpermw); no dequantized key or value is
-// ever stored. Keys are taken 16 at a time (a "slot", inside one block), scored, and collected
-// into spans of kSpanSlots slots; each span updates the online softmax once and adds its
-// values slot by slot. The full-precision window and the output go through the vector
-// kernel's own code (attention_kernel.h), so the two kernels share everything but the packed
-// keys' inner loop.
+// Keys are taken 16 at a time (a "slot", inside one block), from the pages or from the window's
+// rows (bf16 as they are, scale 1, zero 0), and collected into spans of kSpanSlots slots; each
+// span updates the online softmax once and adds its values. No dequantized key or value is ever
+// stored. The rows' key ranges, the window's row addresses and the output are the vector
+// kernel's own code (attention_kernel.h).
 #include "cpu/attention_isa.h"
 #include "cpu/simd.h"
 
@@ -62,7 +62,7 @@ constexpr int kWindowQuery = kSpanSlots;
 constexpr int kMaxGroups = 4;  // per-token groups per head (D / G) this kernel takes
 constexpr float kLog2e = 1.4426950408889634f;
 
-// Where the workspace's arrays lie (decode_workspace_bytes() in all, 64-byte aligned).
+// Where the workspace's arrays lie (kDecodeWorkspaceBytes in all, 64-byte aligned).
 struct Workspace {
   uint16_t* keys;        // [kSpanSlots][D/32] tiles of 16 keys x 32 codes (bf16)
   uint32_t* query;       // [kQueries][D/32] tiles of 16 channel pairs x N columns (load_query, load_kivi_query)
@@ -94,13 +94,18 @@ struct Carver {
 };
 
 constexpr size_t rounded(size_t bytes) { return (bytes + 63) / 64 * 64; }
-static_assert(rounded(2 * kSpanSlots * kMaxHeadSize * kSlot) + rounded(4 * kQueries * kMaxHeadSize / 2 * 16) +
-                      rounded(4 * kQueries * kMaxDecodeRows * kMaxGroups) + rounded(8 * kMaxHeadSize) +
-                      rounded(4 * kSpanSlots * 256) + 2 * rounded(4 * kMaxGroups * kSpan) +
-                      rounded(4 * 32 * kMaxGroups) + rounded(4 * kMaxDecodeRows * kSpan) +
-                      2 * rounded(4 * kMaxGroups * kSpan) + rounded(2 * kSteps * kMaxGroups * 512) +
-                      rounded(4 * kSteps * kMaxHeadSize / 16 * 256) + rounded(4 * kMaxHeadSize / 16 * 256) +
-                      rounded(4 * kMaxDecodeRows * kMaxGroups) + 2 * rounded(4 * kMaxDecodeRows) <=
+static_assert(rounded(2 * kSpanSlots * kMaxHeadSize * kSlot) +           // keys
+                  rounded(4 * kQueries * kMaxHeadSize / 2 * 16) +          // query
+                  rounded(4 * kSpanSlots * 256) +                         // score_tiles
+                  4 * rounded(4 * kMaxGroups * kSpan) +                   // key and value scale, zero
+                  rounded(4 * 32 * kMaxGroups) +                          // params
+                  rounded(4 * kMaxDecodeRows * kSpan) +                   // scores
+                  rounded(2 * kSteps * kMaxGroups * 512) +                // probs
+                  rounded(4 * kSteps * kMaxHeadSize / 16 * 256) +         // values
+                  rounded(4 * kMaxHeadSize / 16 * 256) +                  // acc
+                  rounded(4 * kQueries * kMaxDecodeRows * kMaxGroups) +   // query_sum
+                  rounded(8 * kMaxHeadSize) +                             // channel_params
+                  rounded(4 * kMaxDecodeRows * kMaxGroups) + 2 * rounded(4 * kMaxDecodeRows) <=
                   kDecodeWorkspaceBytes,
               "lay_out's arrays fit the workspace attention.cpp allocates");
 
@@ -142,10 +147,10 @@ TileConfig decode_tiles(int columns, int query_rows) {
 }
 
 // ---------------------------------------------------------------------------------------
-// Codes -> bf16 words, 32 channels at a time, in channel order
+// Codes -> bf16 words
 // ---------------------------------------------------------------------------------------
 
-// Codes enter the products centred, as code - 2^(bits-1) (the zero moves by 2^(bits-1) scale):
+// Value codes enter P'.V centred, as code - 2^(bits-1) (the zero moves by 2^(bits-1) scale):
 // the probabilities are rounded to bf16 once, and centred codes keep that rounding's share
 // (2^-9 relative per weight) proportional to a value's distance from its group's midpoint
 // rather than to the value, as for prefill's rounding of p itself.
@@ -185,7 +190,8 @@ KVT_INLINE __m512i lookup_table() {
   return _mm512_load_si512(kTable.words);
 }
 
-// Channels [c, c + 32) of a token row whose codes start at `row`: 32 bf16 words of the centred codes.
+// Channels [c, c + 32) of a token row whose codes start at `row`: 32 bf16 words of the centred
+// codes, in channel order (values; 8-bit keys too).
 template <int kBits>
 KVT_INLINE __m512i codes_to_bf16(const uint8_t* row, int c, __m512i table) {
   if constexpr (kBits == 8) {  // code ^ 0x80 read as signed = code - 128
