@@ -251,6 +251,15 @@ struct Columns {
 // The item
 // ---------------------------------------------------------------------------------------
 
+// x as two bf16 parts, hi = bf16(x) and lo = bf16(x - hi): together ~16 significant bits.
+// Returns hi + lo, the value the matrix unit will see.
+KVT_INLINE __m512 split_bf16(__m512 x, __m256i* hi, __m256i* lo) {
+  *hi = (__m256i)_mm512_cvtneps_pbh(x);
+  const __m512 hi_value = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(*hi), 16));
+  *lo = (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(x, hi_value));
+  return _mm512_add_ps(hi_value, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(*lo), 16)));
+}
+
 // 2^x for x <= 0; exactly 0 below -100 (and for -inf), so that no denormal ever reaches the
 // products: each costs a microcode assist, and a softmax over long contexts has many weights that small.
 KVT_INLINE __m512 exp2_nonpositive(__m512 x) {
@@ -271,6 +280,15 @@ struct DecodeItem {
   Columns param_columns;                 // of a slot's (scale, zero) pairs: 2 x groups wide
   __m512i full_key_index[kMaxHeadSize / 32];  // per key tile: its channels within their 64-channel chunk
 };
+
+// Key tile `tile`'s 32 words of a row of bf16 words in channel order: tile k takes channels of the
+// 64-channel chunk k / 2 (one vpermt2w).
+KVT_INLINE __m512i key_tile_words(const DecodeItem& it, const uint16_t* row, int tile) {
+  const uint16_t* chunk = row + 64 * (tile / 2);
+  const __m512i low = _mm512_loadu_si512(chunk);
+  const __m512i high = 64 * (tile / 2) + 32 < it.head_size ? _mm512_loadu_si512(chunk + 32) : low;
+  return _mm512_permutex2var_epi16(low, it.full_key_index[tile], high);
+}
 
 // Where a key channel sits in the key tiles: tile `tile`, position `pos` (fill_packed_keys'
 // order; a permutation of the channels, so the query is laid out the same way).
@@ -357,25 +375,18 @@ void load_kivi_query(const DecodeItem& it, const uint8_t* plane, int group, int 
       const __m512 scale = _mm512_permutex2var_ps(pairs_low, even, pairs_high);
       const __m512 zero = _mm512_permutex2var_ps(pairs_low, odd, pairs_high);
       const __m512 qv = bf16_to_floats(reinterpret_cast<const uint8_t*>(q + c));
-      const __m512 x = _mm512_mul_ps(qv, scale);
-      const __m256i hi = (__m256i)_mm512_cvtneps_pbh(x);
-      const __m512 hi_value = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16));
-      const __m256i lo = (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(x, hi_value));
-      const __m512 lo_value = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(lo), 16));
+      __m256i hi, lo;
+      const __m512 x = split_bf16(_mm512_mul_ps(qv, scale), &hi, &lo);
       constant = _mm512_fmadd_ps(qv, zero, constant);
-      constant = _mm512_fmadd_ps(_mm512_add_ps(hi_value, lo_value), _mm512_set1_ps(kKeyOffset<kKeyBits>), constant);
+      constant = _mm512_fmadd_ps(x, _mm512_set1_ps(kKeyOffset<kKeyBits>), constant);
       _mm256_store_si256(reinterpret_cast<__m256i*>(parts[0] + c), hi);
       _mm256_store_si256(reinterpret_cast<__m256i*>(parts[1] + c), lo);
     }
-    for (int part = 0; part < 2; ++part) {  // into key tile order (as fill_full_keys), then column 2r + part
+    for (int part = 0; part < 2; ++part) {  // into key tile order, then column 2r + part
       const __m512i column = _mm512_add_epi32(_mm512_mullo_epi32(lanes, _mm512_set1_epi32(it.columns)),
                                               _mm512_set1_epi32(2 * r + part));
       for (int tile = 0; tile < d / 32; ++tile) {
-        const uint16_t* chunk = parts[part] + 64 * (tile / 2);
-        const __m512i low = _mm512_load_si512(chunk);
-        const __m512i high = 64 * (tile / 2) + 32 < d ? _mm512_load_si512(chunk + 32) : low;
-        _mm512_i32scatter_epi32(operand + tile * 16 * it.columns, column,
-                                _mm512_permutex2var_epi16(low, it.full_key_index[tile], high), 4);
+        _mm512_i32scatter_epi32(operand + tile * 16 * it.columns, column, key_tile_words(it, parts[part], tile), 4);
       }
     }
     query_sums(it, query)[r * kMaxGroups] = _mm512_reduce_add_ps(constant);
@@ -459,18 +470,12 @@ KVT_INLINE void fill_packed_keys(const DecodeItem& it, const uint8_t* plane, int
   }
 }
 
-// Window keys at positions [first, first + count) as rows of `keys`, their channels moved to
-// key_channel's order: tile k takes channels of the 64-channel chunk k / 2 (one vpermt2w each).
+// Window keys at positions [first, first + count) as rows of `keys`, in key_channel's order.
 template <int kHeadTiles>
 KVT_INLINE void fill_full_keys(const DecodeItem& it, const FullRows& rows, int first, int count, uint16_t* keys) {
   for (int t = 0; t < count; ++t) {
     const uint16_t* row = static_cast<const uint16_t*>(rows.row(first + t));
-    for (int tile = 0; tile < kHeadTiles; ++tile) {
-      const uint16_t* chunk = row + 64 * (tile / 2);
-      const __m512i low = _mm512_loadu_si512(chunk);
-      const __m512i high = 64 * (tile / 2) + 32 < it.head_size ? _mm512_loadu_si512(chunk + 32) : low;
-      _mm512_storeu_si512(keys + tile * 512 + t * 32, _mm512_permutex2var_epi16(low, it.full_key_index[tile], high));
-    }
+    for (int tile = 0; tile < kHeadTiles; ++tile) _mm512_storeu_si512(keys + tile * 512 + t * 32, key_tile_words(it, row, tile));
   }
 }
 
@@ -554,17 +559,17 @@ KVT_INLINE void fill_full_slot(const DecodeItem& it, const WindowRows& rows, int
   store_params(scale, zero, it.key_groups, slot, it.w.key_scale, it.w.key_zero);
 }
 
-// Q.K^T of every slot of the span on tmm0, each stored to its score tile. The slots' keys were
-// all written before, so that no tile load waits for the vector stores that filled it.
-// Consecutive reduction steps use different tiles (key tiles tmm4/tmm6, query tiles tmm1/tmm2),
-// so that a load never waits for the product before it to release its tile; with two steps
-// (D = 64) the query stays loaded.
 // The query tiles stay loaded while the item runs where one operand serves every slot and
 // fits two tiles (per-token keys, D = 64).
 template <int kHeadTiles>
 KVT_INLINE bool resident_query(const DecodeItem& it) {
   return kHeadTiles == 2 && it.key_token_group == 0;
 }
+
+// Q.K^T of every slot of the span on tmm0, each stored to its score tile. The slots' keys were
+// all written before, so that no tile load waits for the vector stores that filled it.
+// Consecutive reduction steps use different tiles (key tiles tmm4/tmm6, query tiles tmm1/tmm2),
+// so that a load never waits for the product before it to release its tile.
 
 template <int kHeadTiles>
 KVT_INLINE void span_scores(const DecodeItem& it, const Slot* span, int slots) {
@@ -674,9 +679,8 @@ void softmax_span(const DecodeItem& it, int slots) {
         }
         if constexpr (kSplit) {  // step k = slot k: [hi | lo] of its 16 weights
           for (int half = 0; half < 2 && 2 * step + half < slots; ++half) {
-            const __m256i hi = (__m256i)_mm512_cvtneps_pbh(weight[half]);
-            const __m512 hi_value = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16));
-            const __m256i lo = (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(weight[half], hi_value));
+            __m256i hi, lo;
+            split_bf16(weight[half], &hi, &lo);
             uint16_t* row = w.probs + ((int64_t(2 * step + half) * kMaxGroups + g) * 16 + r) * 32;
             _mm256_storeu_si256(reinterpret_cast<__m256i*>(row), hi);
             _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + 16), lo);
@@ -851,7 +855,7 @@ void run_work_item_amx(const AttentionParams& p, const WorkItem& item, const Ite
   }
   for (int tile = 0; tile < p.head_size / 32; ++tile) {
     alignas(64) uint16_t index[32];
-    for (int pos = 0; pos < 32; ++pos) index[pos] = uint16_t(key_channel(p.format.key_bits, p.head_size, tile, pos) % 64);
+    for (int pos = 0; pos < 32; ++pos) index[pos] = uint16_t(it.key_order[tile * 32 + pos] % 64);
     it.full_key_index[tile] = _mm512_load_si512(index);
   }
   std::memset(it.w.acc, 0, sizeof(float) * (p.head_size / 16) * 256);

@@ -55,7 +55,7 @@ constexpr int kMaxDecodeRows = 16;
 constexpr size_t kDecodeWorkspaceBytes = size_t(256) << 10;
 
 // Whether the AMX decode kernel takes items of `rows` query rows of this step (bfloat16, keys
-// and values both packed with per-token groups, no softcap); the caller checks the CPU.
+// and values both packed, per-token groups or kivi keys, no softcap); the caller checks the CPU.
 bool decode_amx_takes(const AttentionParams& params, int rows);
 void run_work_item_amx(const AttentionParams& params, const WorkItem& item, const ItemScratch& scratch,
                        float* partial);
