@@ -71,7 +71,9 @@ def kernel_section(result: dict) -> list[str]:
         f"`{result['command']}` on {machine['cpu']}, {s['threads']} threads, {result['created']}: one layer's cache "
         f"write + attention, median of {s['repeats']} turns; decode = {s['decode'][0]} sequences x {s['decode'][1]} "
         f"tokens, prefill = one {s['prompt']}-token prompt, mixed = {s['decode'][0] - 1} decodes beside a "
-        f"{s['prompt']}-token chunk; block {s['block_size']}, {s['dtype']}. vLLM rows: its own CPU attention at the "
+        f"{s['prompt']}-token chunk; decode with cold caches: the same decode after reading a buffer 1.5x the "
+        f"last-level cache (what a served layer finds: the other layers went through the caches since its last step); "
+        f"block {s['block_size']}, {s['dtype']}. vLLM rows: its own CPU attention at the "
         "ISA it serves with here; `ours KV16` is our kernel on unquantized pages (the control row: what the kernel "
         "costs before the bytes shrink); `ours KV4 R32, vector decode` runs the same pages with the AMX decode "
         "kernel off (what the matrix units bring). Cells: ms (speedup vs vLLM bf16); decode also the GB/s of KV read.",
@@ -86,11 +88,24 @@ def kernel_section(result: dict) -> list[str]:
             for step in steps:
                 r = cells[step]
                 row.append(f"{r['time_ms']:.2f} ({r['speedup_vs_vllm_bf16']:.2f}x)"
-                           + (f", {r['gb_per_s']:.1f} GB/s" if step == "decode" else ""))
+                           + (f", {r['gb_per_s']:.1f} GB/s" if step.startswith("decode") else ""))
             table.append(row)
         lines += [f"{shape}:", "", *_table(["kernel", "KV B/token", *steps], table), ""]
     stem = "attention_steps_quick" if "--quick" in result["command"] else "attention_steps"
     return lines + [f"![attention steps](benchmarks/results/{stem}.png)", ""]
+
+
+def _rounds_text(repeats: int) -> str:
+    if repeats == 1:
+        return "One run per config, one server at a time."
+    return (f"Every config's server runs at once (idle ones take no CPU) and the benchmark visits them in turn, "
+            f"{repeats} rounds; cells are medians over the rounds, out tok/s with the rounds' range.")
+
+
+def _throughput_cell(run: dict) -> str:
+    rounds = run.get("output_throughput_rounds", [])
+    spread = f" ({min(rounds):.0f}-{max(rounds):.0f})" if len(rounds) > 1 else ""
+    return f"{run['output_throughput']:.1f}{spread}"
 
 
 def serving_section(result: dict) -> list[str]:
@@ -98,7 +113,8 @@ def serving_section(result: dict) -> list[str]:
         "### Serving throughput (`vllm bench serve`)",
         "",
         f"`python -m benchmarks.serving.run{' --quick' if result.get('quick') else ''}`: {result['model']} on "
-        f"{result['device']}, `--enforce-eager`, both cores; one server at a time at equal KV memory.",
+        f"{result['device']}, `--enforce-eager`, both cores, equal KV memory per setting. "
+        f"{_rounds_text(result.get('repeats', 1))}",
         "",
     ]
     for workload in result["workloads"].values():
@@ -108,7 +124,7 @@ def serving_section(result: dict) -> list[str]:
             base = runs["auto"]["output_throughput"]
             rows = [
                 [
-                    name, f"{r['output_throughput']:.1f}", f"{r['output_throughput'] / base:.2f}x",
+                    name, _throughput_cell(r), f"{r['output_throughput'] / base:.2f}x",
                     f"{r['request_throughput']:.2f}", f"{r['p50_ttft_ms']:.0f} / {r['p99_ttft_ms']:.0f}",
                     f"{r['p50_tpot_ms']:.0f} / {r['p99_tpot_ms']:.0f}", f"{r['kv_capacity_tokens']:,}",
                 ]

@@ -6,13 +6,18 @@ A step is what a backend runs per layer: the cache write (vLLM's `cpu_attn_resha
 our `quantize_and_cache`, and `write_window` for a map with a window) and the attention over
 the paged cache. Three steps of a served batch: decode (32 sequences of 1100 tokens, one query
 token each), prefill (one fresh 1024-token prompt) and mixed (31 such decodes beside a
-1024-token prefill chunk). vLLM runs at the ISA it picks on this machine (`amx` where the CPU
-has AMX tiles, after requesting their permission as vLLM's worker does) in bf16 and in its
-fp8 cache; ours for the bit pairs of the bundled maps, and KV16 (our own 16-bit kernel) as the
-control row that separates the kernel from the bytes; KV4 also with the AMX decode kernel off (the
-vector kernel on the same pages). Timings are medians of repeats, the
-kernels called in turns so that other load hits all alike; decode rows also give the bytes of
-the pages read per second. Writes benchmarks/results/attention_steps[_quick].json and a PNG.
+1024-token prefill chunk). Decode runs twice: with the pages left in the caches by the turn
+before (a layer's pages fit the last-level cache when it is not shared), and with cold caches
+(a buffer 1.5x the last-level cache read before each call), which is what a served layer finds:
+between two steps of one layer, the other layers' pages and weights went through the caches.
+
+vLLM runs at the ISA it picks on this machine (`amx` where the CPU has AMX tiles, after
+requesting their permission as vLLM's worker does) in bf16 and in its fp8 cache; ours for the
+bit pairs of the bundled maps, and KV16 (our own 16-bit kernel) as the control row that
+separates the kernel from the bytes; KV4 also with the AMX decode kernel off (the vector kernel
+on the same pages). Timings are medians of repeats, the kernels called in turns so that other
+load hits all alike; decode rows also give the bytes of the pages read per second.
+Writes benchmarks/results/attention_steps[_quick].json and a PNG.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import os
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -64,6 +70,7 @@ class Step:
     name: str
     history: list[int]
     rows: list[int]
+    cold: bool = False  # evict the caches before each call
 
     @property
     def seq_lens(self) -> list[int]:
@@ -74,6 +81,7 @@ def steps() -> list[Step]:
     seqs, context = DECODE
     return [
         Step("decode", [context - 1] * seqs, [1] * seqs),
+        Step("decode, cold caches", [context - 1] * seqs, [1] * seqs, cold=True),
         Step("prefill", [0], [PROMPT]),
         Step("mixed", [context - 1] * (seqs - 1) + [0], [1] * (seqs - 1) + [PROMPT]),
     ]
@@ -189,14 +197,39 @@ class KVTunerStep:
         self._write_window(b.key, b.value, b.query_start_loc, b.seq_lens)
 
 
-def medians(functions: dict, repeats: int, budget_s: float) -> dict[str, float]:
-    """Median wall time of each function over `repeats` turns (fewer if the budget runs out)."""
+def last_level_cache_bytes() -> int:
+    """The CPU's last-level cache (sysfs), 256 MiB where the system does not say."""
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"), reverse=True):
+        try:
+            size = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        units = {"K": 2**10, "M": 2**20, "G": 2**30}
+        return int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
+    return 256 * 2**20
+
+
+class CacheEvictor:
+    """Reads a buffer 1.5x the last-level cache, so that the next call finds its pages in DRAM."""
+
+    def __init__(self) -> None:
+        self.buffer = torch.ones(last_level_cache_bytes() * 3 // 2, dtype=torch.uint8)
+
+    def __call__(self) -> None:
+        self.buffer.amax()
+
+
+def medians(functions: dict, repeats: int, budget_s: float, before=None) -> dict[str, float]:
+    """Median wall time of each function over `repeats` turns (fewer if the budget runs out);
+    `before`, if given, runs untimed before each call."""
     times = {name: [] for name in functions}
     for fn in functions.values():
         fn()  # warm up: page faults, thread pool, dispatch caches
     start = time.perf_counter()
     for turn in range(repeats):
         for name, fn in functions.items():
+            if before is not None:
+                before()
             begin = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - begin)
@@ -213,7 +246,7 @@ def run_step(step: Step, shape: str, repeats: int, budget_s: float) -> list[dict
     for name, options in OURS.items():
         fmt = kvformat.LayerFormat(head_size=head_size, dtype=DTYPE, **options)
         kernels[name] = KVTunerStep(batch, num_kv_heads, fmt, generator, "off" if name in VECTOR_DECODE else "amx")
-    times = medians(kernels, repeats, budget_s)
+    times = medians(kernels, repeats, budget_s, CacheEvictor() if step.cold else None)
     baseline = times["vLLM bf16"]
     tokens_read = int(batch.seq_lens.sum())
     return [
@@ -261,7 +294,7 @@ def main() -> None:
     rows = []
     for shape in shapes:
         for step in steps():
-            step_rows = run_step(step, shape, repeats, budget_s=20.0)
+            step_rows = run_step(step, shape, repeats, budget_s=30.0 if step.cold else 20.0)
             rows += step_rows
             print(f"{shape} {step.name}: " + "  ".join(
                 f"{r['kernel']} {r['time_ms']:.2f}ms x{r['speedup_vs_vllm_bf16']:.2f}" for r in step_rows), flush=True)

@@ -2,11 +2,15 @@
 `vllm serve` on 127.0.0.1 at equal KV memory, for `auto`, vLLM's own quantized KV (`fp8` on CPU;
 `int8_per_token_head`, `int4_per_token_head`, `turboquant_k8v4` on CUDA) and kvtuner maps. Two
 workloads: short prompts, and realistic ones (1024 in / 128 out); each in a memory-bound setting (KV
-space too small for `auto` to hold the concurrent requests) and an ample one. One server at a time;
-each is killed (its process group) before the next.
+space too small for `auto` to hold the concurrent requests) and an ample one.
+
+A shared machine's speed drifts by tens of percent over minutes, so one run per config after
+another compares the machine's moods, not the caches. Instead every config's server of a setting is
+started (idle servers take no CPU) and the benchmark visits them in turn, `--repeats` rounds, each
+round starting with the next config; a table cell is the median over the rounds, and the JSON keeps every round.
 
     python -m benchmarks.serving.run --quick      # short prompts only, ~15 min on 2 idle CPU cores
-    python -m benchmarks.serving.run              # both workloads, ~30 min
+    python -m benchmarks.serving.run              # both workloads, ~55 min (long alone: 40 min)
 
 Writes benchmarks/results/serving-<device>[-quick].json and .png (output tok/s, req/s, TTFT/TPOT p50/p99).
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -68,15 +73,19 @@ def start(model: Path, args: list[str], workload: Workload, kv_bytes: int, log: 
                           *args], log, env=server_env(VLLM_CPU_KVCACHE_SPACE=""))
 
 
-def bench(server: Server, model: Path, workload: Workload, result: Path) -> dict:
+def bench(server: Server, model: Path, workload: Workload, seed: int, result: Path) -> dict:
+    # A new seed each round: the same prompts again would hit the prefix cache of the round before.
     cmd = [str(VLLM), "bench", "serve", "--backend", "openai", "--host", "127.0.0.1", "--port", str(server.port),
            "--model", "model", "--tokenizer", str(model), "--dataset-name", "random",
            "--random-input-len", str(workload.input_len), "--random-output-len", str(workload.output_len),
            "--num-prompts", str(workload.num_prompts), "--max-concurrency", str(workload.concurrency),
-           "--ignore-eos", "--num-warmups", "2", "--seed", "0", "--percentile-metrics", "ttft,tpot,itl,e2el",
+           "--ignore-eos", "--num-warmups", "2", "--seed", str(seed), "--percentile-metrics", "ttft,tpot,itl,e2el",
            "--metric-percentiles", "50,99", "--save-result", "--result-dir", str(result.parent),
            "--result-filename", result.name, "--disable-tqdm"]
-    subprocess.run(cmd, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL)
+    done = subprocess.run(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+    if done.returncode != 0:  # its stderr only on failure: it also prints harmless warnings at exit
+        raise RuntimeError(f"vllm bench serve exited with {done.returncode}:\n{done.stderr[-3000:]}")
     data = json.loads(result.read_text())
     return {metric: data.get(metric) for metric in METRICS}
 
@@ -105,28 +114,56 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def run_workload(model: Path, workload: Workload, names: dict[str, list[str]], only, work: Path, tag: str) -> dict:
-    settings = {}
-    for setting, kv_bytes in workload.memory.items():
-        runs = {}
-        for name, serve_args in names.items():
-            if only and name not in only:
-                continue
-            log = work / f"{tag}-{setting}-{name}.log"
-            print(f"[bench] {tag} {setting} {name}: starting server ({kv_bytes // MiB} MiB KV)", flush=True)
-            try:
-                server = start(model, serve_args, workload, kv_bytes, log)
-            except ServerError as err:
-                print(f"[bench] {tag} {setting} {name}: {err}", flush=True)
-                runs[name] = {"error": str(err).splitlines()[0]}
-                continue
-            try:
-                runs[name] = bench(server, model, workload, work / f"{tag}-{setting}-{name}.json")
-                runs[name]["kv_capacity_tokens"] = capacity_tokens(server.log())
-            finally:
-                server.stop()
-            print(f"[bench] {tag} {setting} {name}: {runs[name]}", flush=True)
-        settings[setting] = {"kv_cache_bytes": kv_bytes, "runs": runs}
+def start_servers(model: Path, workload: Workload, names: dict[str, list[str]], kv_bytes: int, work: Path,
+                  label: str) -> tuple[dict[str, Server], dict[str, dict]]:
+    """Every config's server for one setting; a config whose server fails to start is an error row."""
+    servers, errors = {}, {}
+    for name, serve_args in names.items():
+        print(f"[bench] {label} {name}: starting server ({kv_bytes // MiB} MiB KV)", flush=True)
+        try:
+            servers[name] = start(model, serve_args, workload, kv_bytes, work / f"{label}-{name}.log")
+        except ServerError as err:
+            print(f"[bench] {label} {name}: {err}", flush=True)
+            errors[name] = {"error": str(err).splitlines()[0]}
+    return servers, errors
+
+
+def summarize(rounds: list[dict]) -> dict:
+    """Each metric's median over the rounds, plus every round's output throughput."""
+    summary = {metric: statistics.median(r[metric] for r in rounds) for metric in METRICS}
+    summary["output_throughput_rounds"] = [r["output_throughput"] for r in rounds]
+    return summary
+
+
+def run_setting(model: Path, workload: Workload, names: dict[str, list[str]], kv_bytes: int, repeats: int,
+                work: Path, label: str) -> dict:
+    servers, runs = start_servers(model, workload, names, kv_bytes, work, label)
+    try:
+        rounds: dict[str, list[dict]] = {name: [] for name in servers}
+        order = list(servers)
+        for repeat in range(repeats):
+            for name in order[repeat % len(order):] + order[: repeat % len(order)]:  # each round starts elsewhere
+                server = servers[name]
+                result = bench(server, model, workload, repeat, work / f"{label}-{name}-{repeat}.json")
+                rounds[name].append(result)
+                print(f"[bench] {label} {name} round {repeat + 1}/{repeats}: "
+                      f"{result['output_throughput']:.1f} out tok/s", flush=True)
+        for name, server in servers.items():
+            runs[name] = {**summarize(rounds[name]), "kv_capacity_tokens": capacity_tokens(server.log())}
+    finally:
+        for server in servers.values():
+            server.stop()
+    return {name: runs[name] for name in names if name in runs}  # the configs' order
+
+
+def run_workload(model: Path, workload: Workload, names: dict[str, list[str]], only, repeats: int, work: Path,
+                 tag: str) -> dict:
+    chosen = {name: args for name, args in names.items() if not only or name in only}
+    settings = {
+        setting: {"kv_cache_bytes": kv_bytes,
+                  "runs": run_setting(model, workload, chosen, kv_bytes, repeats, work, f"{tag}-{setting}")}
+        for setting, kv_bytes in workload.memory.items()
+    }
     return {"workload": asdict(workload), "settings": settings}
 
 
@@ -136,6 +173,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="the short-prompt workload only")
     parser.add_argument("--only", nargs="*", help="config names to run (default: all)")
     parser.add_argument("--workloads", nargs="*", choices=list(WORKLOADS), help="default: all (short with --quick)")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds over the servers (default 3)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
     if args.model is None:
@@ -150,9 +188,9 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="kvtuner-bench-"))
     names = configs(device, work, num_layers)
-    results = {"model": args.model.name, "device": device, "quick": args.quick,
+    results = {"model": args.model.name, "device": device, "quick": args.quick, "repeats": args.repeats,
                "env": {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "enforce_eager": True},
-               "workloads": {tag: run_workload(args.model, WORKLOADS[tag], names, args.only, work, tag)
+               "workloads": {tag: run_workload(args.model, WORKLOADS[tag], names, args.only, args.repeats, work, tag)
                              for tag in chosen}}
     stem = args.out / f"serving-{device}{'-quick' if args.quick else ''}"
     stem.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
