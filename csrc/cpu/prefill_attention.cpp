@@ -225,7 +225,6 @@ static_assert(kMaxKeyTile == ::kvtuner::cpu::kMaxKeyTile, "one key tile size");
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kLog2e = 1.4426950408889634f;
 
-
 // Probabilities enter the row sum as the bf16 values the unit multiplies (one dot product with
 // ones adds a pair per lane), so the output is an exact weighted mean of the tile's values.
 inline __m512 add_pairs(__m512 sum, __m512i bf16) {
@@ -638,7 +637,7 @@ void attend_item(const AttentionParams& p, const PrefillPlan& plan, const Prefil
     attend_tile(it, start, width, first_row, key_side, value_side, item.seq);
     start += width;
   }
-  if (unit == MatrixUnit::kAmx) amx_end();
+  if (unit == MatrixUnit::kAmx) amx_release();
   if (item.partial_offset >= 0) {
     store_partial_rows(it, partial + item.partial_offset * (p.head_size + 2));
   } else {

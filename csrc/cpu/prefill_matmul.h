@@ -58,8 +58,6 @@ inline void amx_begin() {
   amx_configure(config);
 }
 
-inline void amx_end() { amx_release(); }
-
 // Where the tiles of one product lie (byte offsets between tiles).
 struct TileGrid {
   int64_t left_band;   // from a left tile to the one 16 rows down
@@ -153,7 +151,6 @@ inline void amx_accumulate(const uint16_t* probs, const uint32_t* values, int he
                     reinterpret_cast<const uint8_t*>(values) + skip * g.right_step, reinterpret_cast<uint8_t*>(acc),
                     (keys_range.end - keys_range.begin) / 32, head_size / 32, g, bands);
 }
-
 
 // ---------------------------------------------------------------------------------------
 // AVX512-BF16: vdpbf16ps adds a[2i] * b[2i] + a[2i+1] * b[2i+1] into fp32 lane i, so a row of a
