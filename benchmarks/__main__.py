@@ -9,7 +9,8 @@ import subprocess
 import sys
 import time
 
-STEPS = ("benchmarks.kernels.attention_steps", "benchmarks.serving.run", "benchmarks.quality")
+STEPS = ("benchmarks.kernels.attention_steps", "benchmarks.serving.run", "benchmarks.serving.step_profile",
+         "benchmarks.quality")
 
 
 def run(quick: bool) -> None:

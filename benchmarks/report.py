@@ -143,6 +143,48 @@ def serving_section(result: dict) -> list[str]:
     return lines + [f"![serving](benchmarks/results/{stem}.png)", ""]
 
 
+def _attention_free_ceiling(profile: dict) -> list[str]:
+    """What a cache that holds every long request at the memory-bound setting could serve at most."""
+    serving = _load("serving-cpu")
+    auto = profile["configs"].get("auto")
+    if serving is None or auto is None or "long" not in serving["workloads"]:
+        return []
+    settings = serving["workloads"]["long"]["settings"]
+    bound, ample = (settings[name]["runs"]["auto"]["output_throughput"] for name in ("memory-bound", "ample"))
+    share = (auto["parts_s"]["attention"] + auto["parts_s"]["KV cache writes"]) / auto["wall_s"]
+    ceiling = ample / (1 - share)
+    memory = settings["memory-bound"]["kv_cache_bytes"] / 2**20
+    return [
+        f"A cache that holds every long request at {memory:.0f} MiB runs the steps `auto` runs at ample memory "
+        f"({ample:.1f} out tok/s above), except for attention and cache writes, {share:.0%} of `auto`'s time here. "
+        f"Were both free, it would serve at most {ample:.1f} / {1 - share:.2f} = {ceiling:.0f} out tok/s, "
+        f"{ceiling / bound:.2f}x `auto` at {memory:.0f} MiB ({bound:.1f}).",
+        "",
+    ]
+
+
+def step_profile_section(result: dict) -> list[str]:
+    w = result["workload"]
+    parts = list(next(iter(result["configs"].values()))["parts_s"])
+    rows = [
+        [name, f"{r['wall_s']:.1f}", f"{r['output_throughput']:.0f}",
+         *(f"{r['parts_s'][part]:.1f} ({r['parts_s'][part] / r['wall_s']:.0%})" for part in parts)]
+        for name, r in result["configs"].items()
+    ]
+    return [
+        "### Where a step's time goes",
+        "",
+        f"`python -m benchmarks.serving.step_profile`: {result['model']} on {result['machine']['cpu']}, vLLM's "
+        f"engine in one process under torch's profiler, {w['num_requests']} requests of {w['input_len']} in / "
+        f"{w['output_len']} out at once, {w['kv_cache_bytes'] / 2**30:.0f} GiB of KV cache, `--enforce-eager`; "
+        f"seconds (share of the wall time), medians of {result['repeats']} rounds.",
+        "",
+        *_table(["KV cache", "wall s", "out tok/s", *parts], rows),
+        "",
+        *_attention_free_ceiling(result),
+    ]
+
+
 def soak_section(result: dict) -> list[str]:
     s, r = result["settings"], result["requests"]
     return [
@@ -168,6 +210,7 @@ def render() -> str:
     for names, render_section in (
         (("quality",), quality_section),
         (("serving-cpu", "serving-cpu-quick"), serving_section),
+        (("step_profile",), step_profile_section),
         (("attention_steps", "attention_steps_quick"), kernel_section),
         (("soak",), soak_section),
     ):
