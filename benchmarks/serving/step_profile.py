@@ -67,6 +67,8 @@ def profile_one(model: str, args: list[str], seed: int) -> dict:
         wall = time.perf_counter() - started
     self_s = {event.key: event.self_cpu_time_total / 1e6 for event in profiler.key_averages()}
     parts = {part: sum(self_s.get(op, 0.0) for op in ops) for part, ops in PARTS.items()}
+    if parts["attention"] == 0.0:  # another vLLM's op names: every share would be wrong
+        raise RuntimeError(f"none of the attention ops {PARTS['attention']} ran; ops seen: {sorted(self_s)}")
     parts["other torch ops"] = sum(self_s.values()) - sum(parts.values())
     parts["outside torch ops"] = wall - sum(self_s.values())
     return {"wall_s": wall, "parts_s": parts}
@@ -78,8 +80,9 @@ def run_one(name: str, args: list[str], model: str, seed: int, log: Path) -> dic
         done = subprocess.run([sys.executable, "-m", "benchmarks.serving.step_profile", "--one", json.dumps(args),
                                "--model", model, "--seed", str(seed)], env=env, stdout=subprocess.PIPE,
                               stderr=out, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"step profile of {name} failed (exit {done.returncode}); its log: {log}")
+    if done.returncode != 0:  # the log lies in a temporary folder: show its end
+        tail = "\n".join(log.read_text().splitlines()[-30:])
+        raise SystemExit(f"step profile of {name} failed (exit {done.returncode}); the end of its log:\n{tail}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
