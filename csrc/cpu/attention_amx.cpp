@@ -247,6 +247,44 @@ struct Columns {
   }
 };
 
+// The inverse, for operands: out[p * width + j] = lane p of source vector j (a column), for p < 16,
+// j < width (width <= 16, even). Output vector k takes its lanes from the column pairs (2s, 2s + 1)
+// by one vpermt2d each, merged by masks: a few shuffles instead of one scatter per column.
+struct Interleave {
+  int width;
+  __m512i index[16][8];  // [k][s]: lane l of output vector k from pair s
+  __mmask16 from[16][8];
+
+  explicit Interleave(int w) : width(w) {
+    for (int k = 0; k < width; ++k) {
+      for (int pair = 0; pair < width / 2; ++pair) {
+        alignas(64) int32_t lanes[16];
+        __mmask16 mask = 0;
+        for (int l = 0; l < 16; ++l) {
+          const int at = 16 * k + l, p = at / width, j = at % width;
+          lanes[l] = (j % 2) * 16 + p;
+          if (j / 2 == pair) mask |= __mmask16(1u << l);
+        }
+        index[k][pair] = _mm512_load_si512(lanes);
+        from[k][pair] = mask;
+      }
+    }
+  }
+
+  KVT_INLINE void store(const __m512i* columns, uint32_t* out) const {
+    for (int k = 0; k < width; ++k) {
+      __m512i v = _mm512_permutex2var_epi32(columns[0], index[k][0], columns[1]);
+      for (int pair = 1; pair < width / 2; ++pair) {
+        if (from[k][pair]) {
+          v = _mm512_mask_blend_epi32(
+              from[k][pair], v, _mm512_permutex2var_epi32(columns[2 * pair], index[k][pair], columns[2 * pair + 1]));
+        }
+      }
+      _mm512_storeu_si512(out + 16 * k, v);
+    }
+  }
+};
+
 // ---------------------------------------------------------------------------------------
 // The item
 // ---------------------------------------------------------------------------------------
@@ -278,6 +316,7 @@ struct DecodeItem {
   const int16_t* key_order;              // channel of each key tile position (key_channel)
   Columns score_columns;                 // of the score tile: `columns` wide
   Columns param_columns;                 // of a slot's (scale, zero) pairs: 2 x groups wide
+  Interleave kivi_columns;               // kivi keys: the query operand's hi and lo columns (width 0 else)
   __m512i full_key_index[kMaxHeadSize / 32];  // per key tile: its channels within their 64-channel chunk
 };
 
@@ -360,37 +399,37 @@ template <int kKeyBits>
 void load_kivi_query(const DecodeItem& it, const uint8_t* plane, int group, int query) {
   const int d = it.head_size;
   const PlaneSide& side = it.c.key_side;
-  float* params = it.w.channel_params;  // (scale, zero) per channel, then x = q * s as bf16 parts
+  float* params = it.w.channel_params;  // (scale, zero) per channel
   halves_to_float_array(plane + side.params_offset + int64_t(group) * kParamBytesPerGroup * d, 2 * d, params);
   const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
-  alignas(64) uint16_t parts[2][kMaxHeadSize];  // hi, lo of one row, channel order
-  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  uint32_t* operand = it.w.query + int64_t(query) * (d / 2) * it.columns;
+  __m512 scale[kMaxHeadSize / 16], zero[kMaxHeadSize / 16];
+  for (int c = 0; c < d; c += 16) {
+    const __m512 pairs_low = _mm512_loadu_ps(params + 2 * c), pairs_high = _mm512_loadu_ps(params + 2 * c + 16);
+    scale[c / 16] = _mm512_permutex2var_ps(pairs_low, even, pairs_high);
+    zero[c / 16] = _mm512_permutex2var_ps(pairs_low, odd, pairs_high);
+  }
+  alignas(64) uint16_t parts[16][kMaxHeadSize];  // column 2r + part: row r's hi or lo part, channel order
   for (int r = 0; r < it.rows; ++r) {
     const uint16_t* q = it.query_rows[r];
     __m512 constant = _mm512_setzero_ps();
     for (int c = 0; c < d; c += 16) {
-      const __m512 pairs_low = _mm512_loadu_ps(params + 2 * c), pairs_high = _mm512_loadu_ps(params + 2 * c + 16);
-      const __m512 scale = _mm512_permutex2var_ps(pairs_low, even, pairs_high);
-      const __m512 zero = _mm512_permutex2var_ps(pairs_low, odd, pairs_high);
       const __m512 qv = bf16_to_floats(reinterpret_cast<const uint8_t*>(q + c));
       __m256i hi, lo;
-      const __m512 x = split_bf16(_mm512_mul_ps(qv, scale), &hi, &lo);
-      constant = _mm512_fmadd_ps(qv, zero, constant);
+      const __m512 x = split_bf16(_mm512_mul_ps(qv, scale[c / 16]), &hi, &lo);
+      constant = _mm512_fmadd_ps(qv, zero[c / 16], constant);
       constant = _mm512_fmadd_ps(x, _mm512_set1_ps(kKeyOffset<kKeyBits>), constant);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(parts[0] + c), hi);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(parts[1] + c), lo);
-    }
-    for (int part = 0; part < 2; ++part) {  // into key tile order, then column 2r + part
-      const __m512i column = _mm512_add_epi32(_mm512_mullo_epi32(lanes, _mm512_set1_epi32(it.columns)),
-                                              _mm512_set1_epi32(2 * r + part));
-      for (int tile = 0; tile < d / 32; ++tile) {
-        _mm512_i32scatter_epi32(operand + tile * 16 * it.columns, column, key_tile_words(it, parts[part], tile), 4);
-      }
+      _mm256_store_si256(reinterpret_cast<__m256i*>(parts[2 * r] + c), hi);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(parts[2 * r + 1] + c), lo);
     }
     query_sums(it, query)[r * kMaxGroups] = _mm512_reduce_add_ps(constant);
     query_sums(it, query)[r * kMaxGroups + 1] = 0.0f;
+  }
+  uint32_t* operand = it.w.query + int64_t(query) * (d / 2) * it.columns;
+  for (int tile = 0; tile < d / 32; ++tile) {  // into key tile order, then the operand's rows of channel pairs
+    __m512i columns[16];
+    for (int col = 0; col < it.columns; ++col) columns[col] = key_tile_words(it, parts[col], tile);
+    it.kivi_columns.store(columns, operand + tile * 16 * it.columns);
   }
 }
 
@@ -849,6 +888,7 @@ void run_work_item_amx(const AttentionParams& p, const WorkItem& item, const Ite
                 key_order(p.format.key_bits, p.head_size),
                 Columns(c.rows * key_groups),
                 Columns(2 * groups),
+                Interleave(p.format.key_group_size > 0 ? c.rows * key_groups : 0),
                 {}};
   for (int r = 0; r < c.rows; ++r) {
     it.query_rows[r] = static_cast<const uint16_t*>(p.query) + row_offset(c, r, p.query_stride_token, p.query_stride_head);
