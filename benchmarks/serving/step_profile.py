@@ -8,7 +8,7 @@ cache writes, linear layers (oneDNN GEMMs), every other torch op, and time outsi
 (Python, scheduling, sampling). Shares of the wall time bound what any KV cache can gain: where a
 cache holds every request, only its attention and cache writes differ from `auto`'s at ample memory.
 
-    python -m benchmarks.serving.step_profile     # ~11 min on 2 idle CPU cores (--quick: one round, ~6)
+    python -m benchmarks.serving.step_profile     # 11-15 min on 2 idle CPU cores (--quick: one round, ~7)
 
 Writes benchmarks/results/step_profile.json.
 """
