@@ -316,7 +316,7 @@ struct DecodeItem {
   const int16_t* key_order;              // channel of each key tile position (key_channel)
   Columns score_columns;                 // of the score tile: `columns` wide
   Columns param_columns;                 // of a slot's (scale, zero) pairs: 2 x groups wide
-  Interleave kivi_columns;               // kivi keys: the query operand's hi and lo columns (width 0 else)
+  Interleave kivi_columns;               // kivi keys: the query operand's hi and lo columns (per-token keys: width 0)
   __m512i full_key_index[kMaxHeadSize / 32];  // per key tile: its channels within their 64-channel chunk
 };
 
