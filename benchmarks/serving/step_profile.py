@@ -113,8 +113,11 @@ def main() -> None:
     model = materialize()
     num_layers = json.loads((model / "config.json").read_text())["num_hidden_layers"]
     with tempfile.TemporaryDirectory() as tmp:
-        chosen = {name: cli for name, cli in configs("cpu", Path(tmp), num_layers).items()
-                  if not args.only or name in args.only}
+        known = configs("cpu", Path(tmp), num_layers)
+        unknown = sorted(set(args.only or []) - set(known))
+        if unknown:
+            parser.error(f"no config named {', '.join(unknown)}; the configs: {', '.join(known)}")
+        chosen = {name: cli for name, cli in known.items() if not args.only or name in args.only}
         names = list(chosen)
         rounds: dict[str, list[dict]] = {name: [] for name in names}
         for repeat in range(args.repeats):
