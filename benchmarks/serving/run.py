@@ -128,6 +128,12 @@ def start_servers(model: Path, workload: Workload, names: dict[str, list[str]], 
     return servers, errors
 
 
+def round_order(names: list[str], repeat: int) -> list[str]:
+    """The configs in round `repeat`'s order: each round starts with the next config."""
+    start = repeat % len(names)
+    return names[start:] + names[:start]
+
+
 def summarize(rounds: list[dict]) -> dict:
     """Each metric's median over the rounds, plus every round's output throughput."""
     summary = {metric: statistics.median(r[metric] for r in rounds) for metric in METRICS}
@@ -142,7 +148,7 @@ def run_setting(model: Path, workload: Workload, names: dict[str, list[str]], kv
         rounds: dict[str, list[dict]] = {name: [] for name in servers}
         order = list(servers)
         for repeat in range(repeats):
-            for name in order[repeat % len(order):] + order[: repeat % len(order)]:  # each round starts elsewhere
+            for name in round_order(order, repeat):
                 server = servers[name]
                 result = bench(server, model, workload, repeat, work / f"{label}-{name}-{repeat}.json")
                 rounds[name].append(result)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from benchmarks.common import machine_info, write_json
 from benchmarks.server import server_env
-from benchmarks.serving.run import WORKLOADS, configs
+from benchmarks.serving.run import WORKLOADS, configs, round_order
 
 GiB = 2**30
 WORKLOAD = WORKLOADS["long"]
@@ -121,7 +121,7 @@ def main() -> None:
         names = list(chosen)
         rounds: dict[str, list[dict]] = {name: [] for name in names}
         for repeat in range(args.repeats):
-            for name in names[repeat % len(names):] + names[:repeat % len(names)]:
+            for name in round_order(names, repeat):
                 result = run_one(name, chosen[name], str(model), repeat, Path(tmp) / f"{name}-{repeat}.log")
                 rounds[name].append(result)
                 print(f"[step_profile] round {repeat + 1} {name}: {result['wall_s']:.1f} s, attention "
