@@ -7,10 +7,12 @@ import ast
 import importlib
 import importlib.metadata as md
 import json
+import os
 import re
 import subprocess
 import sys
 import types
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -206,3 +208,92 @@ def test_serve_script_defaults_to_kvtuner():
     serve = (ROOT / "scripts" / "serve.sh").read_text()
     assert 'KV_CACHE_DTYPE="${KV_CACHE_DTYPE:-kvtuner}"' in serve
     assert "exec vllm serve" in serve and "--served-model-name" in serve
+
+
+# ---------------------------------------------------------------------------------------------
+# scripts/gpu_check.sh (the GPU machine's check) and scripts/gpu_wheels.sh (what it carries)
+# ---------------------------------------------------------------------------------------------
+
+GPU_CHECK = ROOT / "scripts" / "gpu_check.sh"
+
+
+def _gpu_wheel_specs() -> dict[str, str]:
+    """name -> pinned version, from the WHEELS list of scripts/gpu_wheels.sh."""
+    block = re.search(r"^WHEELS=\(\n(.*?)^\)", (ROOT / "scripts" / "gpu_wheels.sh").read_text(), re.S | re.M).group(1)
+    return dict(line.strip().split("==") for line in block.splitlines() if line.strip())
+
+
+def test_gpu_wheels_cover_what_pytest_requires():
+    """pytest's requirements on Linux for every Python the GPU image may have are in the carried wheels."""
+    from packaging.markers import default_environment
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pinned = {canonicalize_name(name) for name in _gpu_wheel_specs()}
+    assert {"pytest", "setuptools"} <= pinned
+    missing = set()
+    for version in ("3.10", "3.11", "3.12", "3.13"):
+        env = {**default_environment(), "python_version": version, "sys_platform": "linux", "extra": ""}
+        for dist in ("pytest", "exceptiongroup"):
+            try:
+                requires = md.requires(dist) or []
+            except md.PackageNotFoundError:  # exceptiongroup is only installed below 3.11
+                continue
+            for requirement in map(Requirement, requires):
+                if requirement.marker is None or requirement.marker.evaluate(env):
+                    missing.add(canonicalize_name(requirement.name))
+    assert missing <= pinned, f"add to scripts/gpu_wheels.sh: {sorted(missing - pinned)}"
+
+
+def test_gpu_check_documents_its_run_with_the_wheels_carried():
+    header = GPU_CHECK.read_text().split("\nset -uo pipefail", 1)[0]
+    assert 'run(command="bash scripts/gpu_check.sh", carry=[".gpu-wheels"], timeout_s=600)' in header
+    assert "/.gpu-wheels/" in (ROOT / ".gitignore").read_text().splitlines()
+    assert "pip install" in GPU_CHECK.read_text() and "--no-index" in GPU_CHECK.read_text()
+
+
+def _gpu_check(tmp_path: Path, **env: str) -> tuple[subprocess.CompletedProcess, dict]:
+    out = tmp_path / "out"
+    run = subprocess.run(["bash", str(GPU_CHECK), str(out)], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHON": sys.executable, "GPU_CHECK_DRY_RUN": "1", **env})
+    return run, json.loads((out / "summary.json").read_text())
+
+
+def _fake_wheel(folder: Path, name: str, version: str) -> None:
+    """A pure-Python wheel whose module says where it was installed."""
+    dist = f"{name}-{version}.dist-info"
+    files = {f"{name}/__init__.py": f"__version__ = {version!r}\n",
+             f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+             f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    files[f"{dist}/RECORD"] = "".join(f"{path},,\n" for path in [*files, f"{dist}/RECORD"])
+    with zipfile.ZipFile(folder / f"{name}-{version}-py3-none-any.whl", "w") as wheel:
+        for path, text in files.items():
+            wheel.writestr(path, text)
+
+
+@pytest.mark.parametrize("pip", ["pip", "unpacked"])
+def test_gpu_check_installs_pytest_from_the_carried_wheels(tmp_path, pip):
+    """The wheels phase alone, forced as on an image without pytest: pip installs from the folder,
+    offline (or, without pip, the wheels are unpacked), into the run's throwaway folder; the other
+    phases but env are left out (SKIPPED, not failed)."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    _fake_wheel(wheels, "pytest", "0.0.1")
+    _fake_wheel(wheels, "setuptools", "0.0.2")  # not wanted (the interpreter has setuptools): not installed
+    run, summary = _gpu_check(tmp_path, GPU_CHECK_PHASES="wheels", GPU_CHECK_FORCE_WHEELS="1",
+                              GPU_CHECK_WHEELS=str(wheels), GPU_CHECK_NO_PIP=str(int(pip == "unpacked")))
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert summary["passed"] and {p["phase"]: p["status"] for p in summary["phases"]}["wheels"] == "ok"
+    assert {p["status"] for p in summary["phases"] if p["phase"] not in ("env", "wheels")} == {"SKIPPED"}
+    assert re.search(r"gpu_check: pytest 0\.0\.1 from /\S+/pydeps/pytest/pytest/__init__\.py", run.stdout), run.stdout
+    assert "setuptools 0.0.2" not in run.stdout and "setuptools-0.0.2" not in run.stdout
+
+
+def test_gpu_check_out_of_budget_is_a_failure(tmp_path):
+    """A phase whose cap the budget cuts below 10 s does not start and fails the run (NO_TIME)."""
+    run, summary = _gpu_check(tmp_path, GPU_CHECK_PHASES="env", GPU_CHECK_BUDGET_S="5")
+    assert run.returncode == 1, run.stdout + run.stderr
+    statuses = {p["phase"]: p["status"] for p in summary["phases"]}
+    assert summary["failed"] == ["env", "wheels"] and statuses["env"] == statuses["wheels"] == "NO_TIME"
+    assert {s for name, s in statuses.items() if name not in ("env", "wheels")} == {"SKIPPED"}
+    assert "gpu_check: FAILED: env wheels" in run.stdout

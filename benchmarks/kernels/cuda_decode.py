@@ -1,6 +1,6 @@
 """CUDA decode attention over the packed cache vs our own KV16 and torch SDPA, in one run.
 
-    python -m benchmarks.kernels.cuda_decode [--out DIR] [--quick] [--budget-s S]
+    python -m benchmarks.kernels.cuda_decode [--out DIR] [--quick] [--budget-s S] [--require-graphs]
     python -m benchmarks.kernels.cuda_decode --dry-run   # the same logic on the CPU, tiny sizes
 
 One decode step (one query token per sequence) of a Llama-3-8B-shaped layer (32 query heads,
@@ -12,11 +12,13 @@ and contexts 1k-32k:
 * torch SDPA over the same context stored contiguously in bf16 ([B, H_kv, L, D]; the GQA
   group is SDPA's query length, so each KV head is read once).
 Each configuration is timed as a CUDA graph of 20 back-to-back calls (launch overhead out),
-the median of 5 replays. Successive calls read different pages (a pool of at least 256 MiB)
-so that small configurations are not served from L2. Achieved bandwidth = bytes of K/V read
-(codes, scales, zeros; window rows from the ring) / time, next to the device-to-device copy
-bandwidth measured in the same run (bytes read + written / time). Page contents are random
-bytes: timing does not depend on them (the kernel tests check the numbers).
+the median of 5 replays; if a capture fails the rest is timed eagerly (the rows say so), or,
+with --require-graphs (scripts/gpu_check.sh), the run stops with an error. Successive calls
+read different pages (a pool of at least 256 MiB) so that small configurations are not served
+from L2. Achieved bandwidth = bytes of K/V read (codes, scales, zeros; window rows from the
+ring) / time, next to the device-to-device copy bandwidth measured in the same run (bytes read
++ written / time). Page contents are random bytes: timing does not depend on them (the kernel
+tests check the numbers).
 Writes DIR/cuda_decode.json (default: benchmarks/results) and prints a summary table.
 """
 
@@ -63,13 +65,18 @@ POOL_BYTES = 256 << 20  # pages touched by one timed graph at least: well above 
 CALLS_PER_GRAPH, REPLAYS = 20, 5
 
 
+class GraphCaptureError(RuntimeError):
+    """A capture failed under --require-graphs."""
+
+
 class Timer:
     """Seconds per call of fn: a CUDA graph of CALLS_PER_GRAPH calls, median of REPLAYS replays
-    (eagerly with events if capture fails; wall clock on the CPU)."""
+    (eagerly with events if capture fails, unless require_graphs; wall clock on the CPU)."""
 
-    def __init__(self, device: str):
+    def __init__(self, device: str, require_graphs: bool = False):
         self.device = device
         self.graphs = True
+        self.require_graphs = require_graphs
 
     def __call__(self, calls: list) -> float:
         if self.device == "cpu":
@@ -85,6 +92,8 @@ class Timer:
                         fn()
                 return self._events(graph.replay, len(calls))
             except RuntimeError as error:  # keep the numbers, say how they were taken
+                if self.require_graphs:
+                    raise GraphCaptureError(f"CUDA graph capture failed: {error}") from error
                 print(f"cuda_decode: graph capture failed ({error}); timing eagerly", flush=True)
                 self.graphs = False
 
@@ -204,8 +213,9 @@ class SdpaDecode:
                 for i in range(CALLS_PER_GRAPH)]
 
 
-def run(grid: dict, device: str, reference: bool, budget_s: float) -> tuple[list[dict], list[str]]:
-    timer = Timer(device)
+def run(grid: dict, device: str, reference: bool, budget_s: float,
+        require_graphs: bool = False) -> tuple[list[dict], list[str]]:
+    timer = Timer(device, require_graphs)
     rows, skipped = [], []
     start = time.perf_counter()
     # Longest contexts first: a time budget drops the configurations that say least about bandwidth.
@@ -219,7 +229,10 @@ def run(grid: dict, device: str, reference: bool, budget_s: float) -> tuple[list
         cases.append(("SDPA-bf16", None, lambda b=batch, c=context: SdpaDecode(b, c, device)))
         for name, fmt, make in cases:
             case = make()
-            seconds = timer(case.calls())
+            try:
+                seconds = timer(case.calls())
+            except GraphCaptureError as error:
+                raise SystemExit(f"cuda_decode: {name} batch {batch} context {context}: {error}") from error
             rows.append({"kernel": name, "batch": batch, "context": context,
                          "key_bits": fmt.key_bits if fmt else 16, "value_bits": fmt.value_bits if fmt else 16,
                          "time_us": seconds * 1e6, "bytes": case.bytes, "gbps": case.bytes / seconds / 1e9,
@@ -257,6 +270,8 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=float("inf"),
                         help="start no new configuration after this many seconds (the rest are listed as skipped)")
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, the reference instead of the op")
+    parser.add_argument("--require-graphs", action="store_true",
+                        help="a failed CUDA graph capture is an error (default: time that configuration eagerly)")
     args = parser.parse_args()
     device = "cpu" if args.dry_run else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
@@ -265,7 +280,7 @@ def main() -> None:
         ops.load_kernels()
     grid = DRY_GRID if args.dry_run else QUICK_GRID if args.quick else FULL_GRID
     copy_gbps = copy_bandwidth(device)
-    rows, skipped = run(grid, device, args.dry_run, args.budget_s)
+    rows, skipped = run(grid, device, args.dry_run, args.budget_s, args.require_graphs)
     result = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine_info(),
               "dry_run": args.dry_run, "copy_gbps": copy_gbps, "layer": {
                   "num_q_heads": NUM_Q_HEADS, "num_kv_heads": NUM_KV_HEADS, "head_size": HEAD_SIZE,
