@@ -1,18 +1,20 @@
-"""The choice on held-out data: the map written for a budget is the one with the lowest held-out KL
-among the searched front and the uniform maps within the budget, scored on windows the search never
-saw. Every uniform map within the budget is in the pool unless its calibration KL is over RULE_OUT
-times that of the best one (it cannot be the best uniform map then), so the chosen map is never worse
-on that data than the best uniform map at <= its bits."""
+"""The choice on selection text: the map written for a budget is the one with the lowest selection
+KL among the searched front and the uniform maps within the budget, scored on windows the search
+never saw. Every uniform map within the budget is in the pool unless its calibration KL is over
+RULE_OUT times that of the best one (it cannot be the best uniform map then), so the chosen map is
+never worse on that text than the best uniform map at <= its bits. The numbers the report gives
+come from a third text (Scored.report), on which nothing is chosen."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from calibration.common import Candidate
 from calibration.evaluate import Scores
 
 RULE_OUT = 2.0  # a uniform map with this many times the calibration KL of the best uniform map is not scored
+SEARCHED = ("seed", "search")  # Scored.origin of the maps the search evaluated
 
 
 @dataclass
@@ -20,14 +22,17 @@ class Scored:
     candidate: Candidate
     calibration: Scores
     surrogate: float
-    origin: str = "search"  # "seed": in the initial population (exact-front and uniform maps, their mutants)
-    heldout: Scores | None = None
+    # "seed": in the initial population (exact-front and uniform maps); "search": an offspring; "baseline": a uniform
+    # map scored as a candidate baseline; "bytes": a surrogate front map by bytes (the scheme comparison)
+    origin: str = "search"
+    selection: Scores | None = None
+    report: Scores | None = None
 
 
 @dataclass
 class Pool:
-    front: list[Scored]  # front maps scored on held-out (the `verify` lowest calibration KL within the budget)
-    uniform: list[Scored]  # uniform maps within the budget scored on held-out
+    front: list[Scored]  # front maps scored on selection text (the `verify` lowest calibration KL within the budget)
+    uniform: list[Scored]  # uniform maps within the budget scored on selection text
     ruled_out: list[tuple[Scored, Scored]]  # (uniform map not scored, the best uniform map, which rules it out)
 
     @property
@@ -55,12 +60,12 @@ def build_pool(front: Sequence[Scored], uniform: Sequence[Scored], budget: float
 
 
 def choose(pool: Pool) -> Scored:
-    """Lowest held-out KL; of equal ones, fewer bits."""
-    return min(pool.members, key=lambda s: (s.heldout.kl, s.candidate.avg_bits))
+    """Lowest selection KL; of equal ones, fewer bits."""
+    return min(pool.members, key=lambda s: (s.selection.kl, s.candidate.avg_bits))
 
 
-def uniform_check(chosen: Scored, pool: Pool) -> list[tuple[Scored, bool, bool]]:
-    """(uniform map at <= the chosen bits, chosen beats it on held-out KL, on held-out PPL) for each one scored."""
-    return [(u, chosen.heldout.kl < u.heldout.kl, chosen.heldout.ppl < u.heldout.ppl)
-            for u in pool.uniform if u.candidate.avg_bits <= chosen.candidate.avg_bits + 1e-9
-            and u.candidate != chosen.candidate]
+def best_uniform(scored: Sequence[Scored], fits: Callable[[Candidate], bool]) -> Scored | None:
+    """The uniform map that fits with the lowest selection KL (of equal ones, fewer bits): a baseline chosen the way
+    the map was, on the same text."""
+    uniform = [s for s in scored if s.candidate.uniform and fits(s.candidate)]
+    return min(uniform, key=lambda s: (s.selection.kl, s.candidate.avg_bits), default=None)

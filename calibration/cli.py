@@ -25,7 +25,8 @@ def calibrate_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="kvtuner-calibrate",
         description="Search a per-layer (key bits, value bits) map and its format options (scheme, group size, "
-        "window) for MODEL_DIR under an average-bits budget, chosen on held-out text. "
+        "window) for MODEL_DIR under an average-bits budget: searched on calibration text, chosen on selection text "
+        "and reported on a third text (three disjoint ranges of the text). "
         f"Other commands: {', '.join(COMMANDS)} (kvtuner-calibrate COMMAND -h).",
     )
     p.add_argument("model_dir", metavar="MODEL_DIR", help="Hugging Face causal LM folder")
@@ -36,7 +37,8 @@ def calibrate_parser() -> argparse.ArgumentParser:
                    help="measurement and score cache (default OUT/.cache); give several budgets the same one to reuse "
                    "measurements")
     p.add_argument("--text", nargs="+", default=[], metavar="FILE",
-                   help="calibration text: plain text or JSONL with a 'text' field (default: pydoc_data.topics)")
+                   help="text: plain text or JSONL with a 'text' field (default: pydoc_data.topics); its first 60%% "
+                   "is calibration text, the next 20%% selection text, the last 20%% report text")
     fmt = p.add_argument_group("format options searched (one per map)")
     fmt.add_argument("--schemes", nargs="+", default=d.schemes, help=f"default {' '.join(d.schemes)}")
     fmt.add_argument("--group-sizes", nargs="+", type=int, default=d.group_sizes, help="channels per group")
@@ -47,7 +49,10 @@ def calibrate_parser() -> argparse.ArgumentParser:
     fmt.add_argument("--block-size", type=int, default=d.block_size, help="the server's block size (default 128)")
     dat = p.add_argument_group("data")
     dat.add_argument("--tokens", type=int, default=d.tokens, help=f"calibration tokens (default {d.tokens})")
-    dat.add_argument("--heldout-tokens", type=int, default=d.heldout_tokens, help=f"default {d.heldout_tokens}")
+    dat.add_argument("--selection-tokens", type=int, default=d.selection_tokens,
+                     help=f"tokens the map is chosen on (default {d.selection_tokens})")
+    dat.add_argument("--report-tokens", type=int, default=d.report_tokens,
+                     help=f"tokens the report's numbers are measured on (default {d.report_tokens})")
     dat.add_argument("--sensitivity-tokens", type=int, default=d.sensitivity_tokens,
                      help=f"tokens of the surrogate's measurements (default {d.sensitivity_tokens})")
     dat.add_argument("--seq-len", type=int, default=d.seq_len, help=f"window length (default {d.seq_len})")
@@ -62,7 +67,7 @@ def calibrate_parser() -> argparse.ArgumentParser:
     srch.add_argument("--offspring", type=int, default=d.offspring, help="new maps per generation")
     srch.add_argument("--generations", type=int, default=d.generations)
     srch.add_argument("--verify", type=int, default=d.verify,
-                      help=f"front maps scored on held-out text (default {d.verify})")
+                      help=f"front maps scored on the selection text (default {d.verify})")
     srch.add_argument("--seed", type=int, default=d.seed)
     mach = p.add_argument_group("machine")
     mach.add_argument("--device", default=d.device, choices=["cpu", "cuda"])

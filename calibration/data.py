@@ -1,5 +1,6 @@
 """Calibration text: user files (plain text or JSONL with a "text" field) or an offline default,
-tokenized and cut into fixed-length windows, with a held-out part the search never sees."""
+tokenized and cut into fixed-length windows from three disjoint ranges of the text: calibration
+(the search), selection (the choice of the map) and report (the numbers the report gives)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,11 @@ import torch
 
 from calibration.common import CalibrationError
 
-HELDOUT_FRACTION = 0.2  # the tail of the text is held out, so held-out windows never overlap calibration ones
+# Where each text's range starts, as a fraction of the text's characters (moved back to a line end): calibration
+# windows come from [0, 0.6), selection windows from [0.6, 0.8), report windows from [0.8, 1]. Contiguous ranges
+# rather than interleaved windows, so the three texts are different parts of the document (for pydoc_data.topics:
+# different topics), not neighbouring windows of the same passages.
+RANGES = {"calibration": 0.0, "selection": 0.6, "report": 0.8}
 
 
 def default_text() -> str:
@@ -55,26 +60,44 @@ def load_text(files: list[str | Path] | None) -> str:
 
 @dataclass
 class TokenSplit:
-    calibration: torch.Tensor  # int64 [num_windows, seq_len]
-    heldout: torch.Tensor  # int64 [num_windows, seq_len]
+    calibration: torch.Tensor  # int64 [num_windows, seq_len]: every search evaluation
+    selection: torch.Tensor  # the choice among the front and the uniform maps
+    report: torch.Tensor  # the numbers the report gives, scored once per reported map
 
 
-def split_tokens(tokenizer, text: str, tokens: int, heldout_tokens: int, seq_len: int, seed: int) -> TokenSplit:
-    """Calibration windows drawn (seeded) from the head of the text, held-out windows evenly from its tail."""
-    cut = text.rfind("\n", 0, int(len(text) * (1 - HELDOUT_FRACTION)))
-    cut = cut if cut > 0 else int(len(text) * (1 - HELDOUT_FRACTION))
-    head, tail = _windows(tokenizer, text[:cut], seq_len), _windows(tokenizer, text[cut:], seq_len)
-    need_calib, need_heldout = _count(tokens, seq_len), _count(heldout_tokens, seq_len)
-    if len(head) < need_calib or len(tail) < need_heldout:
+def split_tokens(tokenizer, text: str, tokens: int, selection_tokens: int, report_tokens: int, seq_len: int,
+                 seed: int) -> TokenSplit:
+    """Calibration windows drawn (seeded) from the calibration range, selection and report windows spread evenly
+    over theirs (so they do not move with the seed)."""
+    windows = {name: _windows(tokenizer, part, seq_len) for name, part in _ranges(text).items()}
+    need = {name: _count(count, seq_len) for name, count in
+            (("calibration", tokens), ("selection", selection_tokens), ("report", report_tokens))}
+    if any(len(windows[name]) < need[name] for name in RANGES):
         raise CalibrationError(
-            f"calibration text too short: {len(head) * seq_len} calibration and {len(tail) * seq_len} held-out "
-            f"tokens available, {need_calib * seq_len} and {need_heldout * seq_len} requested "
-            "(give more --text, or lower --tokens / --heldout-tokens)"
+            "calibration text too short: " + ", ".join(f"{len(windows[n]) * seq_len} {n}" for n in RANGES)
+            + " tokens available, " + ", ".join(f"{need[n] * seq_len}" for n in RANGES) + " requested "
+            "(give more --text, or lower --tokens / --selection-tokens / --report-tokens)"
         )
     generator = torch.Generator().manual_seed(seed)
-    chosen = torch.randperm(len(head), generator=generator)[:need_calib].sort().values
-    spread = torch.linspace(0, len(tail) - 1, need_heldout).round().long()
-    return TokenSplit(head[chosen], tail[spread])
+    chosen = torch.randperm(len(windows["calibration"]), generator=generator)[:need["calibration"]].sort().values
+    return TokenSplit(windows["calibration"][chosen], _spread(windows["selection"], need["selection"]),
+                      _spread(windows["report"], need["report"]))
+
+
+def _ranges(text: str) -> dict[str, str]:
+    """The text cut at the RANGES fractions, each cut moved back to the line end before it."""
+    cuts = [_line_end(text, fraction) for fraction in RANGES.values()] + [len(text)]
+    return {name: text[start:end] for name, start, end in zip(RANGES, cuts, cuts[1:])}
+
+
+def _line_end(text: str, fraction: float) -> int:
+    position = int(len(text) * fraction)
+    line_end = text.rfind("\n", 0, position)
+    return line_end if line_end > 0 else position
+
+
+def _spread(windows: torch.Tensor, count: int) -> torch.Tensor:
+    return windows[torch.linspace(0, len(windows) - 1, count).round().long()]
 
 
 def _count(tokens: int, seq_len: int) -> int:

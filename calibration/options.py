@@ -25,7 +25,8 @@ class Options:
     block_size: int = 128  # the server's (vLLM --block-size): the window never leaves a block
     # Data
     tokens: int = 1024  # calibration tokens: every search evaluation runs on them
-    heldout_tokens: int = 2048  # held-out tokens: the choice among the front and the uniform maps
+    selection_tokens: int = 2048  # selection tokens: the choice among the front and the uniform maps
+    report_tokens: int = 2048  # report tokens: the numbers the report gives for the maps it lists
     sensitivity_tokens: int = 512  # tokens of the surrogate's measurements
     seq_len: int = 512
     # Search
@@ -35,7 +36,7 @@ class Options:
     pop_size: int = 10
     offspring: int = 6  # new maps per generation
     generations: int = 3  # the initial population counts as the first
-    verify: int = 3  # front maps scored on held-out text (the lowest calibration KL ones)
+    verify: int = 3  # front maps scored on the selection text (the lowest calibration KL ones)
     seed: int = 0
     # Machine
     device: str = "cpu"
@@ -50,8 +51,8 @@ def check_options(opts: Options) -> None:
         raise CalibrationError(
             f"--budget {opts.budget}: must be between {MIN_BUDGET:g} (KV2 everywhere) and {MAX_BUDGET:g} (unquantized)"
         )
-    for name in ("tokens", "heldout_tokens", "sensitivity_tokens", "seq_len", "formats", "seeds_per_format", "verify",
-                 "batch_size", "block_size", "generations", "offspring"):
+    for name in ("tokens", "selection_tokens", "report_tokens", "sensitivity_tokens", "seq_len", "formats",
+                 "seeds_per_format", "verify", "batch_size", "block_size", "generations", "offspring"):
         if getattr(opts, name) < 1:
             raise CalibrationError(f"--{name.replace('_', '-')} must be at least 1")
     if opts.pop_size < 4:

@@ -17,8 +17,9 @@ import torch
 from calibration import capture, choose, data, dp, pruning, report, search, sensitivity
 from calibration import model as model_io
 from calibration.cache import StepCache, digest, file_digest
-from calibration.choose import Scored
+from calibration.choose import SEARCHED, Scored
 from calibration.common import (
+    CANDIDATE_PAIRS,
     SEARCH_PAIRS,
     CalibrationError,
     Candidate,
@@ -31,6 +32,7 @@ from calibration.evaluate import Evaluator, ScoreStore
 from calibration.options import Options, check_options
 
 COSTS = [pair_cost(p) for p in SEARCH_PAIRS]
+BASELINE_SHORTLIST = 2  # uniform maps per limit, predicted best by the surrogate, scored to find a uniform baseline
 
 
 def cpu_threads() -> int:
@@ -86,7 +88,7 @@ class Setup:
     info: model_io.ModelInfo
     options: list[FormatOption]
     split: data.TokenSplit
-    measure_key: str  # what the measurements depend on: model, text, windows, dtype, block size
+    calibration_key: str  # what measurements on calibration windows depend on: model, text, windows, dtype, block
 
     def sensitivity_windows(self, tokens: int, seq_len: int) -> torch.Tensor:
         """The surrogate's windows: the first calibration windows."""
@@ -101,6 +103,7 @@ class Run:
         self.cache_dir = Path(opts.cache_dir) if opts.cache_dir else self.out / ".cache"
         self.cache = StepCache(self.cache_dir)
         self.clock = Clock()
+        self.maps: dict[str, Scored] = {}  # every map scored, by key
 
     def setup(self) -> Setup:
         """Threads, model, text, format options, evaluators: what every use of the measurements needs."""
@@ -113,19 +116,20 @@ class Run:
         options = format_options(info.head_dim, opts.block_size, opts.schemes, opts.group_sizes, opts.windows,
                                  opts.key_group_sizes)
         self.geometry = Geometry(info.head_dim, info.num_kv_heads, info.dtype)
-        split = data.split_tokens(tokenizer, data.load_text(opts.text), opts.tokens, opts.heldout_tokens,
-                                  opts.seq_len, opts.seed)
+        split = data.split_tokens(tokenizer, data.load_text(opts.text), opts.tokens, opts.selection_tokens,
+                                  opts.report_tokens, opts.seq_len, opts.seed)
         model = clock("load model", lambda: model_io.load_model(opts.model_dir, info, opts.device))
         _log(f"model {info.name}: {info.num_layers} layers, {info.num_kv_heads} KV heads, head size {info.head_dim}, "
-             f"served in {info.dtype}, calibrated in {info.compute_dtype}; {split.calibration.numel()} calibration + "
-             f"{split.heldout.numel()} held-out tokens; {len(options)} format options")
-        measure_key = self._evaluators(model, split, info)
-        return Setup(model, info, options, split, measure_key)
+             f"served in {info.dtype}, calibrated in {info.compute_dtype}; {split.calibration.numel()} calibration, "
+             f"{split.selection.numel()} selection and {split.report.numel()} report tokens; {len(options)} format "
+             "options")
+        calibration_key = self._evaluators(model, split, info)
+        return Setup(model, info, options, split, calibration_key)
 
     def surrogate(self, setup: Setup) -> sensitivity.Surrogate:
         opts = self.opts
         windows = setup.sensitivity_windows(opts.sensitivity_tokens, opts.seq_len)
-        key = digest(setup.measure_key, opts.sensitivity_tokens, setup.options)
+        key = digest(setup.calibration_key, opts.sensitivity_tokens, setup.options)
         return self.cache.get("surrogate", key, lambda: self.clock(
             "surrogate", lambda: self._surrogate(setup.model, windows, setup.options)), _log)
 
@@ -136,43 +140,48 @@ class Run:
         surrogate = self.surrogate(setup)
         fronts = {o: dp.exact_front(surrogate.table(o), COSTS) for o in options}
         space, seeds = self._space(options, fronts, surrogate)
-        evaluated, front, stats = self._search(space, seeds, surrogate)
-        pool = choose.build_pool(front, [s for s in evaluated if s.candidate.uniform], opts.budget, opts.verify)
-        clock("held-out choice", lambda: self._score_heldout(pool.members))
+        front, stats = self._search(space, seeds, surrogate)
+        uniform = [s for s in self.maps.values() if s.candidate.uniform]  # (the searched maps so far)
+        pool = choose.build_pool(front, uniform, opts.budget, opts.verify)
+        clock("selection", lambda: self._score(self.selection, pool.members, "selection"))
         chosen = choose.choose(pool)
-        comparison, extra = clock("scheme comparison", lambda: self._compare_schemes(
-            chosen, evaluated, options, space.options, surrogate))
+        baselines = clock("uniform baselines", lambda: self._uniform_baselines(chosen, pool, options, surrogate))
+        comparison = clock("scheme comparison", lambda: self._compare_schemes(chosen, options, space.options,
+                                                                               surrogate))
+        reported = [chosen, *baselines.values(), *(s for row in comparison for s in row.values()
+                                                   if isinstance(s, Scored))]
+        clock("report", lambda: self._score(self.report, reported, "report"))
         result = report.Result(
             opts=asdict(opts), info=info, geometry=self.geometry, options=options, kept=space.options,
-            surrogate=surrogate, fronts=fronts, allowed=space.allowed, seeds=seeds, evaluated=evaluated + extra,
-            front=front, pool=pool, chosen=chosen, comparison=comparison,
-            unquantized={"calibration": self.calibration.unquantized, "heldout": self.heldout.unquantized},
-            tokens={"calibration": split.calibration.numel(), "heldout": split.heldout.numel(),
+            surrogate=surrogate, fronts=fronts, allowed=space.allowed, seeds=seeds, evaluated=list(self.maps.values()),
+            front=front, pool=pool, chosen=chosen, baselines=baselines, comparison=comparison,
+            unquantized={name: getattr(self, name).unquantized for name in data.RANGES},
+            tokens={**{name: getattr(split, name).numel() for name in data.RANGES},
                     "sensitivity": setup.sensitivity_windows(opts.sensitivity_tokens, opts.seq_len).numel()},
             search_stats=stats, steps=clock.steps, total=clock.total(), threads=torch.get_num_threads(),
         )
         report.write(result, self.out)
         wall, cpu = clock.total()
         _log(f"done in {wall:.0f}s wall, {cpu:.0f}s CPU: {self.out / 'precision_map.json'} "
-             f"({chosen.candidate.name}, held-out KL {chosen.heldout.kl:.5f})")
+             f"({chosen.candidate.name}, report KL {chosen.report.kl:.5f})")
         return self.out / "precision_map.json"
 
     # -- steps --------------------------------------------------------------------------
 
     def _evaluators(self, model, split: data.TokenSplit, info: model_io.ModelInfo) -> str:
-        """The calibration and held-out evaluators, each with its score store; returns the key of what the
-        measurements depend on (model, text, windows, dtype, block size)."""
+        """The calibration, selection and report evaluators, each with its score store keyed by what its windows and
+        scores depend on (so another --report-tokens keeps the search's scores); returns the calibration key."""
         opts = self.opts
-        measure_key = digest(self._model_key(), self._text_key(), opts.tokens, opts.heldout_tokens, opts.seq_len,
-                             opts.seed, opts.device, str(info.compute_dtype), opts.block_size)
-        state_bytes = opts.state_mb << 20
-        self.calibration = Evaluator(model, split.calibration, opts.block_size, opts.batch_size,
-                                     ScoreStore(self.cache_dir / f"scores-calibration-{measure_key}.jsonl"),
-                                     info.compute_dtype, state_bytes, "score maps (calibration)")
-        self.heldout = Evaluator(model, split.heldout, opts.block_size, opts.batch_size,
-                                 ScoreStore(self.cache_dir / f"scores-heldout-{measure_key}.jsonl"),
-                                 info.compute_dtype, state_bytes // 4, "score maps (held-out)")
-        return measure_key
+        common = digest(self._model_key(), self._text_key(), data.RANGES, opts.seq_len, opts.device,
+                        str(info.compute_dtype), opts.block_size)
+        keys = {"calibration": digest(common, opts.tokens, opts.seed),
+                "selection": digest(common, opts.selection_tokens), "report": digest(common, opts.report_tokens)}
+        for name, key in keys.items():
+            store = ScoreStore(self.cache_dir / f"scores-{name}-{key}.jsonl")
+            state_bytes = opts.state_mb << (20 if name == "calibration" else 18)  # the search reuses prefixes most
+            setattr(self, name, Evaluator(model, getattr(split, name), opts.block_size, opts.batch_size, store,
+                                          info.compute_dtype, state_bytes, f"score maps ({name})"))
+        return keys["calibration"]
 
     def _space(self, options, fronts: dict, surrogate) -> tuple[search.Space, list[Candidate]]:
         """Screened options, pruned pairs (a uniform seed keeps its pair on every layer) and the seeds."""
@@ -188,7 +197,7 @@ class Run:
         return space, seeds
 
     def _search(self, space: search.Space, seeds: list[Candidate], surrogate):
-        """(every map the search evaluated as Scored, the real front, search statistics)."""
+        """(the real front, search statistics); every map the search evaluated goes to self.maps."""
         opts, before = self.opts, self.calibration.computed
         found = self.clock("search", lambda: search.search(space, seeds, self._calibration_kl, opts.pop_size,
                                                            opts.offspring, opts.generations, opts.seed))
@@ -197,10 +206,9 @@ class Run:
                  "layers_reused": states.layers_reused, "layers_run": states.layers_run}
         _log(f"[search] {stats['evaluated']} maps evaluated ({stats['new']} new, the rest from the score store); "
              f"prefix states saved {stats['layers_reused']} of {states.layers_reused + states.layers_run} layer runs")
-        scored = {c.key: self._scored(c, surrogate, "seed" if c.key in found.initial else "search")
-                  for c, _ in found.evaluated}
-        front = [scored[c.key] for c, _ in search.pareto_front(found.evaluated)]
-        return list(scored.values()), front, stats
+        for candidate, _ in found.evaluated:
+            self._scored(candidate, surrogate, "seed" if candidate.key in found.initial else "search")
+        return [self.maps[c.key] for c, _ in search.pareto_front(found.evaluated)], stats
 
     def _surrogate(self, model, windows, options) -> sensitivity.Surrogate:
         captured = capture.capture_qkv(model, windows, self.opts.block_size)
@@ -242,36 +250,58 @@ class Run:
         return [s.kl for s in self.calibration.score_all(candidates)]
 
     def _scored(self, candidate: Candidate, surrogate: sensitivity.Surrogate, origin: str) -> Scored:
-        return Scored(candidate, self.calibration.score(candidate),
-                      surrogate.predict(candidate.option, candidate.layers), origin)
+        """The map with its calibration score, recorded in self.maps (every map the report lists) on first sight."""
+        if candidate.key not in self.maps:
+            self.maps[candidate.key] = Scored(candidate, self.calibration.score(candidate),
+                                              surrogate.predict(candidate.option, candidate.layers), origin)
+        return self.maps[candidate.key]
 
-    def _score_heldout(self, members: list[Scored]) -> None:
-        for member, scores in zip(members, self.heldout.score_all([m.candidate for m in members]), strict=True):
-            member.heldout = scores
+    @staticmethod
+    def _score(evaluator: Evaluator, members: list[Scored], text: str) -> None:
+        """Score the maps on the evaluator's text and set each one's `text` scores ("selection" or "report")."""
+        for member, scores in zip(members, evaluator.score_all([m.candidate for m in members]), strict=True):
+            setattr(member, text, scores)
 
-    def _compare_schemes(self, chosen: Scored, evaluated: list[Scored], options, kept, surrogate):
+    def _uniform_baselines(self, chosen: Scored, pool: choose.Pool, options, surrogate) -> dict[str, Scored]:
+        """The uniform maps the report compares the chosen map with: the best with no more average bits than it
+        ("equal_bits") and the best with no more KV bytes per token ("equal_bytes": groups of 32 channels and kivi
+        key parameters cost bytes the bit budget does not count). Both chosen as the map was, by selection KL, among
+        the pool's uniform maps within the limit and the BASELINE_SHORTLIST uniform maps of any format option that
+        the surrogate predicts best within it."""
+        limit = self.geometry.bytes_per_token(chosen.candidate)
+        limits = {"equal_bits": lambda c: c.avg_bits <= chosen.candidate.avg_bits + 1e-9,
+                  "equal_bytes": lambda c: self.geometry.bytes_per_token(c) <= limit}
+        num_layers = len(chosen.candidate.layers)
+        uniform = [Candidate.uniform_map(o, p, num_layers) for o in options for p in CANDIDATE_PAIRS]
+        baselines = {}
+        for name, fits in limits.items():
+            predicted = sorted((c for c in uniform if fits(c)), key=lambda c: surrogate.predict(c.option, c.layers))
+            shortlist = [self._scored(c, surrogate, "baseline") for c in predicted[:BASELINE_SHORTLIST]]
+            self._score(self.selection, shortlist, "selection")
+            best = choose.best_uniform(pool.uniform + shortlist, fits)
+            if best is not None:
+                baselines[name] = best
+        return baselines
+
+    def _compare_schemes(self, chosen: Scored, options, kept, surrogate) -> list[dict]:
         """Per scheme, the best map at equal average bits (searched maps within the budget) and at equal bytes per
         token (searched maps, plus exact surrogate front maps by bytes of the scheme's options, which may go above
-        the bit budget where the scheme's bytes allow it), by calibration KL, then scored on held-out.
-        Returns (rows, the extra maps scored)."""
+        the bit budget where the scheme's bytes allow it), by calibration KL (the report scores them)."""
         limit = self.geometry.bytes_per_token(chosen.candidate)
-        rows, extras = [], []
+        searched = [s for s in self.maps.values() if s.origin in SEARCHED]
+        rows = []
         for scheme in sorted({o.scheme for o in kept}):
-            mine = [s for s in evaluated if s.candidate.option.scheme == scheme]
+            mine = [s for s in searched if s.candidate.option.scheme == scheme]
             at_bits = [s for s in mine if s.candidate.avg_bits <= self.opts.budget + 1e-9]
-            known = {s.candidate.key for s in evaluated}
-            extra = [self._scored(c, surrogate, "bytes")
-                     for c in self._byte_front_maps(scheme, options, surrogate, limit) if c.key not in known]
-            extras += extra
+            extra = [self._scored(c, surrogate, "bytes") for c in self._byte_front_maps(scheme, options, surrogate,
+                                                                                        limit)]
             at_bytes = [s for s in mine + extra if self.geometry.bytes_per_token(s.candidate) <= limit]
             row = {"scheme": scheme}
             for name, group in (("equal_bits", at_bits), ("equal_bytes", at_bytes)):
                 if group:
-                    best = min(group, key=lambda s: (s.calibration.kl, s.candidate.avg_bits))
-                    self._score_heldout([best])
-                    row[name] = best
+                    row[name] = min(group, key=lambda s: (s.calibration.kl, s.candidate.avg_bits))
             rows.append(row)
-        return rows, extras
+        return rows
 
     def _byte_front_maps(self, scheme: str, options, surrogate, limit: int, count: int = 1) -> list[Candidate]:
         """The exact surrogate front by bytes of each option of the scheme, at `limit` bytes/token: the `count`

@@ -1,6 +1,6 @@
 """Uniform maps under every format option, scored as kvtuner-calibrate scores maps (same windows and
-score store, so a calibration cache answers what it already measured): which scheme, group size,
-kivi key group and window win, by how much, and what the surrogate predicted.
+score stores, so a calibration cache answers what it already measured), on the report text: which
+scheme, group size, kivi key group and window win, by how much, and what the surrogate predicted.
 
     python -m benchmarks.calibration.uniform_formats MODEL_DIR --cache DIR [--pairs KV4 K4V2] [--out FILE.md]
 """
@@ -25,29 +25,30 @@ def measure(model_dir: str, cache: str, labels: list[str]) -> tuple[list[dict], 
     pairs = [p for p in SEARCH_PAIRS if p.label in labels]
     candidates = [Candidate.uniform_map(o, p, setup.info.num_layers) for p in pairs for o in setup.options]
     calibration = run.calibration.score_all(candidates)
-    heldout = run.heldout.score_all(candidates)
+    reported = run.report.score_all(candidates)
     rows = []
-    for candidate, calib, held in zip(candidates, calibration, heldout, strict=True):
+    for candidate, calib, scores in zip(candidates, calibration, reported, strict=True):
         rows.append({"pair": candidate.pairs[0].label, "option": candidate.option.label,
                      **run.geometry.costs(candidate),
                      "predicted_kl": surrogate.predict(candidate.option, candidate.layers),
-                     "calibration_kl": calib.kl, "heldout_kl": held.kl, "heldout_ppl": held.ppl})
-    return rows, {"calibration": run.calibration.unquantized.as_dict(), "heldout": run.heldout.unquantized.as_dict()}
+                     "calibration_kl": calib.kl, "report_kl": scores.kl, "report_ppl": scores.ppl})
+    return rows, {"calibration": run.calibration.unquantized.as_dict(), "report": run.report.unquantized.as_dict()}
 
 
 def markdown(rows: list[dict], unquantized: dict, model: str) -> str:
-    base = unquantized["heldout"]["ppl"]
+    base = unquantized["report"]["ppl"]
     lines = [f"# Uniform maps under every format option: {model}", "",
              "Scored like `kvtuner-calibrate` scores maps: every layer's attention is "
-             "`kvtuner_vllm.format.simulated_attention`, float32 forward passes, block size 128, 1024 calibration and "
-             "2048 held-out tokens of `pydoc_data.topics`; KL to the unquantized model in nats. Predicted: the "
-             f"calibration's surrogate. Unquantized held-out PPL {base:.3f}.", "",
+             "`kvtuner_vllm.format.simulated_attention`, float32 forward passes, block size 128, 1024 calibration "
+             "tokens (the first 60% of `pydoc_data.topics`) and 2048 report tokens (its last 20%); KL to the "
+             "unquantized model in nats. Predicted: the calibration's surrogate. Unquantized report PPL "
+             f"{base:.3f}.", "",
              "| pair | option | KV bytes/token | capacity | window ring B/request | predicted KL | calibration KL | "
-             "held-out KL | held-out PPL vs unquantized |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["pair"], r["heldout_kl"])):
+             "report KL | report PPL vs unquantized |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["pair"], r["report_kl"])):
         lines.append(f"| {r['pair']} | {r['option']} | {r['bytes_per_token']} | {r['capacity_vs_unquantized']:.2f}x | "
                      f"{r['ring_bytes_per_request']:,} | {r['predicted_kl']:.5f} | {r['calibration_kl']:.5f} | "
-                     f"{r['heldout_kl']:.5f} | {100 * (r['heldout_ppl'] / base - 1):+.2f}% |")
+                     f"{r['report_kl']:.5f} | {100 * (r['report_ppl'] / base - 1):+.2f}% |")
     return "\n".join(lines) + "\n"
 
 

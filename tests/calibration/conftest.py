@@ -41,4 +41,5 @@ def tiny(tiny_dir):
 def windows(tiny):
     _, tokenizer, _ = tiny
     text = data.default_text()[:TEXT_CHARS]
-    return data.split_tokens(tokenizer, text, tokens=128, heldout_tokens=128, seq_len=SEQ_LEN, seed=0)
+    return data.split_tokens(tokenizer, text, tokens=128, selection_tokens=128, report_tokens=128, seq_len=SEQ_LEN,
+                             seed=0)

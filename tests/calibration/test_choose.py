@@ -10,10 +10,10 @@ OPTION = FormatOption("kivi", 32, 32, 32)
 KV8, KV4, K4V2, KV2 = (SEARCH_PAIRS.index(pair(*b)) for b in [(8, 8), (4, 4), (4, 2), (2, 2)])
 
 
-def scored(layers, calibration_kl, heldout_kl=None) -> Scored:
-    s = Scored(Candidate(OPTION, tuple(layers)), Scores(calibration_kl, 2.0), surrogate=calibration_kl)
-    if heldout_kl is not None:
-        s.heldout = Scores(heldout_kl, 2.0 + heldout_kl)
+def scored(layers, calibration_kl, selection_kl=None, option=OPTION) -> Scored:
+    s = Scored(Candidate(option, tuple(layers)), Scores(calibration_kl, 2.0), surrogate=calibration_kl)
+    if selection_kl is not None:
+        s.selection = Scores(selection_kl, 2.0 + selection_kl)
     return s
 
 
@@ -52,10 +52,23 @@ def test_the_choice_is_never_worse_than_a_uniform_map_with_no_more_bits(seed):
     uniform = [scored([p] * 4, rng.random()) for p in pairs]
     pool = choose.build_pool(front, uniform, budget=float(rng.choice([3.0, 3.5, 4.0, 5.0])), verify=4)
     for member in pool.members:
-        member.heldout = Scores(float(rng.random()), 2.0)
+        member.selection = Scores(float(rng.random()), 2.0)
     chosen = choose.choose(pool)
     assert chosen.candidate.avg_bits <= max(m.candidate.avg_bits for m in pool.members)
     for u in pool.uniform:
         if u.candidate.avg_bits <= chosen.candidate.avg_bits:
-            assert chosen.heldout.kl <= u.heldout.kl
-    assert all(kl for _, kl, _ in choose.uniform_check(chosen, pool))
+            assert chosen.selection.kl <= u.selection.kl
+    baseline = choose.best_uniform(pool.members, lambda c: c.avg_bits <= chosen.candidate.avg_bits)
+    assert baseline is None or chosen.selection.kl <= baseline.selection.kl
+
+
+def test_best_uniform_is_the_lowest_selection_kl_that_fits():
+    """Maps that are not uniform or do not fit are never the baseline, whatever their KL; ties go to fewer bits."""
+    per_token = FormatOption("per-token-group", 64, 0, 32)
+    maps = [scored([KV4, K4V2], 0.1, 0.01), scored([KV8] * 2, 0.1, 0.02), scored([KV4] * 2, 0.1, 0.3),
+            scored([K4V2] * 2, 0.1, 0.2, per_token), scored([KV2] * 2, 0.1, 0.2)]
+    best = choose.best_uniform(maps, lambda c: c.avg_bits <= 4.0)
+    assert best.candidate == Candidate(OPTION, (KV2, KV2))  # K4V2 per-token ties at 0.2 with more bits
+    only_per_token = choose.best_uniform(maps, lambda c: c.option == per_token)
+    assert only_per_token.candidate.option == per_token
+    assert choose.best_uniform(maps, lambda c: c.avg_bits < 2.0) is None

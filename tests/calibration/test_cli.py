@@ -4,14 +4,18 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import TEXT_CHARS
 
 from calibration import cli, data
+from calibration.common import SEARCH_PAIRS, Candidate, FormatOption
+from calibration.evaluate import Evaluator, ScoreStore
+from calibration.options import Options
 from kvtuner_vllm.map_resolution import PRESET_DIR
 from kvtuner_vllm.precision_map import PrecisionMap
 
-SMALL = ["--tokens", "128", "--heldout-tokens", "128", "--sensitivity-tokens", "64", "--seq-len", "64",
-         "--block-size", "32", "--windows", "0", "16", "--key-group-sizes", "16", "--formats", "2",
+SMALL = ["--tokens", "128", "--selection-tokens", "128", "--report-tokens", "128", "--sensitivity-tokens", "64",
+         "--seq-len", "64", "--block-size", "32", "--windows", "0", "16", "--key-group-sizes", "16", "--formats", "2",
          "--pop-size", "6", "--offspring", "4", "--generations", "2", "--seeds-per-format", "2", "--verify", "2",
          "--threads", "1"]
 OUTPUTS = ["precision_map.json", "pareto.json", "pareto.csv", "pareto.png", "sensitivity.png", "report.md"]
@@ -39,28 +43,62 @@ def test_writes_every_output(calibrated):
     assert loaded.format == "kvtuner-precision-map/v2" and loaded.calibration["budget"] == 4.0
     assert loaded.calibration["avg_bits"] == pytest.approx(loaded.avg_bits, abs=1e-3)
     report = (calibrated / "report.md").read_text()
-    for heading in ["Chosen map and the held-out pool", "Schemes compared", "What each stage did", "uniform KV4"]:
+    for heading in ["Results on the report text", "The choice (selection text)", "Schemes compared",
+                    "What each stage did", "uniform KV4", "best uniform map with <= its"]:
         assert heading in report
 
 
-def test_chosen_map_is_the_best_held_out_and_beats_no_uniform_map(calibrated):
-    """On this run's own held-out numbers: the chosen map has the lowest held-out KL of the pool, so no uniform
-    map with <= its bits does better; the map file is that map."""
+def test_chosen_map_is_the_best_on_selection_text_and_beats_no_uniform_map(calibrated):
+    """On this run's own selection numbers: the chosen map has the lowest selection KL of the pool, so no uniform
+    map with <= its bits does better there; the map file is that map."""
     document = json.loads((calibrated / "pareto.json").read_text())
     rows = document["evaluated"]
-    pool = [r for r in rows if r["held_out_pool"]]
+    pool = [r for r in rows if r["selection_pool"]]
     (chosen,) = [r for r in rows if r["chosen"]]
-    assert chosen["held_out_pool"] and chosen["avg_bits"] <= 4.0
-    assert chosen["heldout_kl"] == min(r["heldout_kl"] for r in pool)
+    assert chosen["selection_pool"] and chosen["avg_bits"] <= 4.0
+    assert chosen["selection_kl"] == min(r["selection_kl"] for r in pool)
     uniform = [r for r in pool if r["uniform"] and r["avg_bits"] <= chosen["avg_bits"]]
-    assert uniform and all(chosen["heldout_kl"] <= r["heldout_kl"] for r in uniform)
+    assert uniform and all(chosen["selection_kl"] <= r["selection_kl"] for r in uniform)
     loaded = PrecisionMap.load(calibrated / "precision_map.json")
     assert " ".join(p.label for p in loaded.layers) == chosen["layers"]
-    assert loaded.calibration["heldout"]["kl"] == chosen["heldout_kl"]
     uniform_kv4 = {r["option"] for r in rows if r["uniform"] and r["layers"].startswith("KV4 ")}
-    assert uniform_kv4 == set(document["kept_formats"])  # every searched option's uniform KV4 was a candidate
-    searched = [r for r in rows if r["origin"] != "bytes"]
+    assert set(document["kept_formats"]) <= uniform_kv4  # every searched option's uniform KV4 was a candidate
+    searched = [r for r in rows if r["origin"] in ("seed", "search")]
     assert all(3.0 - 1e-9 <= r["avg_bits"] <= 4.0 for r in searched)  # the band [budget - 1, budget]
+
+
+def test_best_uniform_maps_fit_the_chosen_maps_bits_and_bytes(calibrated):
+    """The report's baselines: the uniform maps with the lowest selection KL among those scored with no more bits
+    (and no more bytes per token) than the chosen map, from any format option."""
+    document = json.loads((calibrated / "pareto.json").read_text())
+    rows = {(r["option"], r["layers"]): r for r in document["evaluated"]}
+    (chosen,) = [r for r in rows.values() if r["chosen"]]
+    limits = {"equal_bits": "avg_bits", "equal_bytes": "bytes_per_token"}
+    record = PrecisionMap.load(calibrated / "precision_map.json").calibration["best_uniform_report"]
+    assert set(document["best_uniform"]) == set(record) == set(limits)
+    for name, column in limits.items():
+        option, layers = document["best_uniform"][name].split("|")
+        best = rows[option, layers.replace(",", " ")]
+        fits = [r for r in rows.values() if r["uniform"] and r["selection_kl"] is not None
+                and r[column] <= chosen[column]]
+        assert best["uniform"] and best in fits and best["selection_kl"] == min(r["selection_kl"] for r in fits)
+        assert record[name]["kl"] == best["report_kl"] and record[name][column] == best[column]
+
+
+def test_report_numbers_are_scored_on_the_report_text(calibrated, tiny, text, tmp_path):
+    """The map file's and pareto.json's report numbers are the chosen map scored on the report windows (rescored
+    here from scratch: same windows, same computation, so exactly equal), not its selection scores."""
+    model, tokenizer, _ = tiny
+    defaults = Options(model_dir="", budget=4.0, out_dir="")
+    split = data.split_tokens(tokenizer, data.load_text([text]), 128, 128, 128, 64, defaults.seed)
+    loaded = PrecisionMap.load(calibrated / "precision_map.json")
+    candidate = Candidate(FormatOption(**loaded.format_options), tuple(SEARCH_PAIRS.index(p) for p in loaded.layers))
+    store = ScoreStore(tmp_path / "rescored.jsonl")
+    scores = Evaluator(model, split.report, 32, defaults.batch_size, store, torch.float32).score(candidate)
+    (chosen,) = [r for r in json.loads((calibrated / "pareto.json").read_text())["evaluated"] if r["chosen"]]
+    assert loaded.calibration["report"]["kl"] == chosen["report_kl"] == scores.kl
+    assert chosen["report_ppl"] == scores.ppl and chosen["selection_kl"] != scores.kl
+    assert loaded.calibration["tokens"] == {"calibration": 128, "selection": 128, "report": 128, "sensitivity": 64}
 
 
 def test_rerun_resumes_from_the_cache(calibrated, tiny_dir, text, capsys):
