@@ -70,11 +70,10 @@ inline void check_rows(const at::Tensor& t, const char* name, at::ScalarType dty
   TORCH_CHECK(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
 }
 
-inline SequenceArgs sequence_args(const at::Tensor& query_start_loc, const at::Tensor& seq_lens, int64_t num_rows) {
+inline SequenceArgs sequence_args(const at::Tensor& query_start_loc, const at::Tensor& seq_lens) {
   const int64_t num_seqs = seq_lens.numel();
   check_int32_vector(seq_lens, "seq_lens", num_seqs);
   check_int32_vector(query_start_loc, "query_start_loc", num_seqs + 1);
-  (void)num_rows;
   return SequenceArgs{query_start_loc.data_ptr<int32_t>(), seq_lens.data_ptr<int32_t>(), int(num_seqs)};
 }
 
@@ -150,7 +149,7 @@ inline CacheWriteParams cache_write_params(const at::Tensor& key, const at::Tens
   if (key_group_size > 0 && key_bits != 16) {
     TORCH_CHECK(query_start_loc.has_value() && seq_lens.has_value(),
                 "kivi keys need query_start_loc and seq_lens (key groups complete at sequence positions)");
-    p.seqs = sequence_args(*query_start_loc, *seq_lens, key.size(0));
+    p.seqs = sequence_args(*query_start_loc, *seq_lens);
     p.ring = ring_args(ring_cache, ring_block_ids, residual_length, key.scalar_type(), heads, head_size,
                        p.seqs.num_seqs);
   }
@@ -186,7 +185,7 @@ inline AttentionParams attention_params(const at::Tensor& out, const at::Tensor&
   check_cache(kv_cache, num_kv_heads, layout.bytes_per_token);
   TORCH_CHECK(block_table.scalar_type() == at::kInt && block_table.dim() == 2 && block_table.stride(1) == 1,
               "block_table must be int32 [num_seqs, max_blocks] with contiguous rows");
-  const SequenceArgs seqs = sequence_args(query_start_loc, seq_lens, query.size(0));
+  const SequenceArgs seqs = sequence_args(query_start_loc, seq_lens);
   TORCH_CHECK(block_table.size(0) >= seqs.num_seqs, "block_table has ", block_table.size(0), " rows for ",
               seqs.num_seqs, " sequences");
   TORCH_CHECK(max_query_len >= 0 && max_seq_len >= 0 && max_seq_len < INT32_MAX,
@@ -234,7 +233,7 @@ inline WindowWriteParams window_write_params(const at::Tensor& key, const at::Te
   TORCH_CHECK(residual_length > 0, "write_window needs residual_length > 0, got ", residual_length);
   WindowWriteParams p{};
   set_key_value(p, key, value);
-  p.seqs = sequence_args(query_start_loc, seq_lens, key.size(0));
+  p.seqs = sequence_args(query_start_loc, seq_lens);
   p.ring = ring_args(ring_cache, ring_block_ids, residual_length, key.scalar_type(), heads, head_size,
                      p.seqs.num_seqs);
   p.num_kv_heads = int(heads);

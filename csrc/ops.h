@@ -21,6 +21,8 @@
 #include <torch/all.h>
 
 #include <optional>
+#include <string>
+#include <tuple>
 
 #define KVTUNER_OP_SIGNATURES(SUFFIX)                                                                              \
   void quantize_and_cache_##SUFFIX(                                                                                \
@@ -42,6 +44,12 @@
                              const torch::Tensor& seq_lens, int64_t residual_length);
 
 KVTUNER_OP_SIGNATURES(cpu)
+
+// What the CPU paged_attention ran since the last reset (cpu/route_counts.h): work items and
+// sequences per route, the vector kernel's build and the best matrix unit the CPU offers.
+std::tuple<c10::Dict<std::string, int64_t>, c10::Dict<std::string, int64_t>, std::string, std::string>
+cpu_route_counts();
+void reset_cpu_route_counts();
 
 #ifdef KVTUNER_WITH_CUDA
 KVTUNER_OP_SIGNATURES(cuda)

@@ -23,6 +23,11 @@ TORCH_LIBRARY(kvtuner, m) {
   m.def(
       "write_window(Tensor key, Tensor value, Tensor(a!) ring_cache, Tensor ring_block_ids, Tensor query_start_loc, "
       "Tensor seq_lens, int residual_length) -> ()");
+  // Debug counters of the CPU kernels' routes (cpu/route_counts.h); no tensors, so one kernel
+  // for every dispatch key.
+  m.def("cpu_route_counts() -> (Dict(str, int) items, Dict(str, int) sequences, str vector_isa, str matrix_unit)",
+        &cpu_route_counts);
+  m.def("reset_cpu_route_counts() -> ()", &reset_cpu_route_counts);
 }
 
 TORCH_LIBRARY_IMPL(kvtuner, CPU, m) {

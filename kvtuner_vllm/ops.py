@@ -12,6 +12,7 @@ then `write_window` (the ring, for the next steps).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -105,6 +106,34 @@ def write_window(
     """After attention: each sequence's last min(R, rows) positions into its ring (format.write_window_ref)."""
     load_kernels()
     torch.ops.kvtuner.write_window(key, value, ring_cache, ring_block_ids, query_start_loc, seq_lens, fmt.window)
+
+
+@dataclass(frozen=True)
+class CpuRoutes:
+    """What the CPU `paged_attention` ran since the last `reset_cpu_routes()` (a debug view, for
+    tests that assert the kernel a call took). Routes: "vector" (the vector kernel, build
+    `vector_isa`), "amx_decode", "prefill_avx512_bf16", "prefill_amx" (the prefill kernel on
+    that unit)."""
+
+    items: dict[str, int]  # work items per route
+    sequences: dict[str, int]  # per route, the sequences of each call with an item on it
+    vector_isa: str  # "avx512", "avx2" or "baseline": chosen once per process (KVTUNER_CPU_ISA caps it)
+    matrix_unit: str  # "amx", "avx512_bf16" or "none": the best the CPU offers
+
+    def taken(self) -> set[str]:
+        """The routes with at least one work item."""
+        return {route for route, count in self.items.items() if count > 0}
+
+
+def cpu_routes() -> CpuRoutes:
+    load_kernels()
+    items, sequences, vector_isa, matrix_unit = torch.ops.kvtuner.cpu_route_counts()
+    return CpuRoutes(dict(items), dict(sequences), vector_isa, matrix_unit)
+
+
+def reset_cpu_routes() -> None:
+    load_kernels()
+    torch.ops.kvtuner.reset_cpu_route_counts()
 
 
 # The CUDA paged_attention's work split (csrc/cuda/kernels/api.h; plan_attention in

@@ -2,9 +2,6 @@
 // the merge of split-key partitions (attention.h). The kernel itself: attention_kernel.h.
 #include "cpu/attention.h"
 
-#include <cstdlib>
-#include <stdexcept>
-#include <string>
 #include <vector>
 
 #include "cpu/attention_isa.h"
@@ -21,31 +18,33 @@ constexpr int kMinPartitionTokens = 256;
 
 using ItemKernel = void (*)(const AttentionParams&, const WorkItem&, const ItemScratch&, float*);
 
-// The widest kernel this CPU runs (checked once; __builtin_cpu_supports includes the OS enabling
-// the vector state). KVTUNER_CPU_ISA=avx2 or =baseline asks for a narrower one, so that the tests
-// run every kernel on one machine.
-ItemKernel choose_item_kernel() {
-  const char* requested = std::getenv("KVTUNER_CPU_ISA");
-  const std::string isa = requested ? requested : "";
-  if (!(isa.empty() || isa == "avx512" || isa == "avx2" || isa == "baseline")) {
-    throw std::invalid_argument("KVTUNER_CPU_ISA must be avx512, avx2 or baseline, got " + isa);
-  }
+// The widest vector kernel build this CPU runs (checked once; __builtin_cpu_supports includes the
+// OS enabling the vector state), at most KVTUNER_CPU_ISA's (dispatch_env.h), so that the tests
+// run every build on one machine.
+VectorIsa choose_vector_isa() {
+  const VectorIsa cap = cpu_isa_cap();
 #if defined(__x86_64__) && !defined(__clang__)
   const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                       __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
                       __builtin_cpu_supports("avx512cd");
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                     __builtin_cpu_supports("f16c") && __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("movbe");
-  if (avx512 && (isa.empty() || isa == "avx512")) return run_work_item_avx512;
-  if (avx2 && isa != "baseline") return run_work_item_avx2;
+  if (avx512 && cap == VectorIsa::kAvx512) return VectorIsa::kAvx512;
+  if (avx2 && cap != VectorIsa::kBaseline) return VectorIsa::kAvx2;
 #endif
-  return run_work_item_baseline;
+  return VectorIsa::kBaseline;
 }
 
-// Chosen on first use, which plan_attention makes on the calling thread (so that a bad
-// KVTUNER_CPU_ISA raises there, not inside the parallel region).
+ItemKernel item_kernel_of(VectorIsa isa) {
+  switch (isa) {
+    case VectorIsa::kAvx512: return run_work_item_avx512;
+    case VectorIsa::kAvx2: return run_work_item_avx2;
+    default: return run_work_item_baseline;
+  }
+}
+
 ItemKernel item_kernel() {
-  static const ItemKernel kernel = choose_item_kernel();
+  static const ItemKernel kernel = item_kernel_of(vector_isa());
   return kernel;
 }
 
@@ -53,12 +52,7 @@ ItemKernel item_kernel() {
 // chosen, unless KVTUNER_DECODE_ISA=off asks for the vector kernel (read at every plan, so that
 // a benchmark can compare the two in one process).
 bool decode_on_amx() {
-  const char* requested = std::getenv("KVTUNER_DECODE_ISA");
-  const std::string isa = requested ? requested : "";
-  if (!(isa.empty() || isa == "amx" || isa == "off")) {
-    throw std::invalid_argument("KVTUNER_DECODE_ISA must be amx or off, got " + isa);
-  }
-  return isa != "off" && item_kernel() == run_work_item_avx512 && detected_matrix_unit() == MatrixUnit::kAmx;
+  return decode_amx_allowed() && vector_isa() == VectorIsa::kAvx512 && detected_matrix_unit() == MatrixUnit::kAmx;
 }
 
 // Owns one thread's ItemScratch, grown to the largest item seen, and the tile orders of the
@@ -133,12 +127,19 @@ class ScratchBuffers {
 
 }  // namespace
 
+// Chosen on first use, which plan_attention makes on the calling thread (so that a bad
+// KVTUNER_CPU_ISA raises there, not inside the parallel region).
+VectorIsa vector_isa() {
+  static const VectorIsa isa = choose_vector_isa();
+  return isa;
+}
+
 // ---------------------------------------------------------------------------------------
 // Plan
 // ---------------------------------------------------------------------------------------
 
 AttentionPlan plan_attention(const AttentionParams& p, int num_threads) {
-  item_kernel();
+  vector_isa();
   const int heads_per_kv = p.num_q_heads / p.num_kv_heads;
   struct Tile {
     int seq, query_begin, query_count, key_end;
@@ -195,12 +196,16 @@ AttentionPlan plan_attention(const AttentionParams& p, int num_threads) {
 // Entry points
 // ---------------------------------------------------------------------------------------
 
+bool runs_on_amx_decode(const AttentionParams& p, const AttentionPlan& plan, const WorkItem& item) {
+  return plan.amx_decode && decode_amx_takes(p, item.query_count * (p.num_q_heads / p.num_kv_heads));
+}
+
 void run_work_item(const AttentionParams& p, const AttentionPlan& plan, const WorkItem& item, float* partial) {
   const ItemKernel kernel = item_kernel();
   thread_local ScratchBuffers buffers;
   const int rows = item.query_count * (p.num_q_heads / p.num_kv_heads);
   const ItemScratch& scratch = buffers.get(p, rows, chunk_tokens(p.head_size));
-  if (plan.amx_decode && decode_amx_takes(p, rows)) {
+  if (runs_on_amx_decode(p, plan, item)) {
     run_work_item_amx(p, item, scratch, partial);
   } else {
     kernel(p, item, scratch, partial);

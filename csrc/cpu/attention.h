@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "cpu/dispatch_env.h"
 #include "kernel_params.h"
 
 namespace kvtuner::cpu {
@@ -57,10 +58,17 @@ constexpr int kLongQueryTokens = 64;
 // sequence yields enough items without splitting its keys.
 constexpr int kLongQueryTileTokens = 64;
 
+// The vector kernel's build: the widest the CPU runs within KVTUNER_CPU_ISA (dispatch_env.h),
+// chosen by the first call (which raises a bad KVTUNER_CPU_ISA) for the whole process.
+VectorIsa vector_isa();
+
 AttentionPlan plan_attention(const AttentionParams& params, int num_threads);
 
-// Runs one item with the vector kernel, or the AMX decode kernel where the plan allows it and
-// the kernel takes the item; `partial` is the partial buffer (null when no item needs it).
+// Whether `item` runs on the AMX decode kernel: the plan allows it and the kernel takes the item.
+bool runs_on_amx_decode(const AttentionParams& params, const AttentionPlan& plan, const WorkItem& item);
+
+// Runs one item with the AMX decode kernel where runs_on_amx_decode, else with the vector kernel;
+// `partial` is the partial buffer (null when no item needs it).
 void run_work_item(const AttentionParams& params, const AttentionPlan& plan, const WorkItem& item, float* partial);
 
 void reduce_partitions(const AttentionParams& params, const ReduceItem& item, const float* partial);

@@ -11,6 +11,7 @@
 #include "cpu/attention.h"
 #include "cpu/cache_write.h"
 #include "cpu/prefill_attention.h"
+#include "cpu/route_counts.h"
 #include "launcher_args.h"
 #include "ops.h"
 
@@ -173,6 +174,7 @@ void paged_attention_cpu(torch::Tensor& out, const torch::Tensor& query, const t
   // Prefill route (cpu/prefill_attention.h): sequences with many query rows run on the matrix
   // units where the CPU has them, taken out of `plan`; one queue, routed items first.
   const kvtuner::cpu::PrefillPlan prefill = kvtuner::cpu::plan_prefill(params, at::get_num_threads(), plan);
+  kvtuner::cpu::count_routes(params, plan, prefill);
   const int64_t routed = int64_t(prefill.items.size());
   std::vector<float> own_partial;
   float* partial = partial_buffer(workspace, plan.partial_rows * (params.head_size + 2), own_partial);
@@ -201,3 +203,19 @@ void write_window_cpu(const torch::Tensor& key, const torch::Tensor& value, torc
     for (int64_t seq = begin; seq < end; ++seq) kvtuner::cpu::write_window_sequence(params, int(seq));
   });
 }
+
+std::tuple<c10::Dict<std::string, int64_t>, c10::Dict<std::string, int64_t>, std::string, std::string>
+cpu_route_counts() {
+  using kvtuner::cpu::Route;
+  const kvtuner::cpu::RouteCounts counts = kvtuner::cpu::route_counts();
+  c10::Dict<std::string, int64_t> items, sequences;
+  for (int r = 0; r < kvtuner::cpu::kRoutes; ++r) {
+    const char* name = kvtuner::cpu::route_name(Route(r));
+    items.insert(name, counts.items[r]);
+    sequences.insert(name, counts.sequences[r]);
+  }
+  return {items, sequences, kvtuner::cpu::vector_isa_name(kvtuner::cpu::vector_isa()),
+          kvtuner::cpu::matrix_unit_name(kvtuner::cpu::detected_matrix_unit())};
+}
+
+void reset_cpu_route_counts() { kvtuner::cpu::reset_route_counts(); }

@@ -20,10 +20,8 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <limits>
-#include <string>
 #include <vector>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -93,17 +91,6 @@ MatrixUnit detect_matrix_unit() { return MatrixUnit::kNone; }
 MatrixUnit detected_matrix_unit() {
   static const MatrixUnit detected = detect_matrix_unit();
   return detected;
-}
-
-MatrixUnit prefill_matrix_unit() {
-  const MatrixUnit detected = detected_matrix_unit();
-  const char* wanted = std::getenv("KVTUNER_PREFILL_ISA");
-  if (wanted == nullptr || *wanted == '\0') return detected;
-  const std::string name(wanted);
-  const MatrixUnit cap = name == "amx" ? MatrixUnit::kAmx
-                         : name == "avx512_bf16" ? MatrixUnit::kAvx512Bf16
-                                                 : MatrixUnit::kNone;  // "off" (and anything else)
-  return std::min(detected, cap);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -772,19 +759,16 @@ void drop_routed(const PrefillPlan& plan, std::vector<Items>& items) {
               items.end());
 }
 
-int min_prefill_rows() {
-  const char* value = std::getenv("KVTUNER_PREFILL_MIN_ROWS");
-  return value != nullptr && *value != '\0' ? std::max(1, std::atoi(value)) : kMinPrefillRows;
-}
-
 }  // namespace
 
 PrefillPlan plan_prefill(const AttentionParams& p, int num_threads, AttentionPlan& vector_plan) {
   PrefillPlan plan;
-  plan.unit = prefill_matrix_unit();
+  // Both variables are read at every call, also where no sequence is routed, so that a bad
+  // value raises whatever the batch.
+  plan.unit = std::min(detected_matrix_unit(), prefill_unit_cap());
+  const int min_rows = prefill_min_rows(kMinPrefillRows);
   if (plan.unit == MatrixUnit::kNone || !supported(p)) return plan;
   const int heads_per_kv = p.num_q_heads / p.num_kv_heads;
-  const int min_rows = min_prefill_rows();
   plan.routed.assign(p.seqs.num_seqs, 0);
   int64_t routed_tokens = 0;
   for (int seq = 0; seq < p.seqs.num_seqs; ++seq) {

@@ -8,10 +8,8 @@
 // Routing: `plan_prefill` picks the sequences this kernel takes (model dtype bfloat16, head size
 // a multiple of 32 up to 256, a CPU with AVX512-BF16, and at least kMinPrefillRows query rows
 // per KV head); the vector kernel (attention.h) keeps the rest. Environment overrides, for
-// tests and tuning:
-//   KVTUNER_PREFILL_ISA       "amx", "avx512_bf16" (dot products even where AMX exists) or
-//                             "off"; unset: the best the CPU has
-//   KVTUNER_PREFILL_MIN_ROWS  the routing threshold in query rows per KV head
+// tests and tuning (dispatch_env.h): KVTUNER_PREFILL_ISA caps the unit ("avx512_bf16": dot
+// products even where AMX exists; "off": no route), KVTUNER_PREFILL_MIN_ROWS sets the threshold.
 #pragma once
 
 #include <atomic>
@@ -20,19 +18,14 @@
 #include <vector>
 
 #include "cpu/attention.h"
+#include "cpu/dispatch_env.h"
 #include "kernel_params.h"
 
 namespace kvtuner::cpu {
 
-// What computes the matrix products (each tier also needs everything of the tier below).
-enum class MatrixUnit : int { kNone, kAvx512Bf16, kAmx };
-
 // The best unit this CPU and OS offer (AMX needs the kernel's permission for tile data,
 // requested once).
 MatrixUnit detected_matrix_unit();
-
-// detected_matrix_unit(), lowered by KVTUNER_PREFILL_ISA when set.
-MatrixUnit prefill_matrix_unit();
 
 // Query rows (query tokens x query heads of one KV head) from which a sequence is routed here:
 // prefill and chunks, where this kernel is 3-7x faster than the vector kernel; decodes and

@@ -3,15 +3,17 @@
 The kernel takes short-query items (decodes, speculative steps) of bfloat16 models whose keys and
 values are both packed (per-token groups or kivi keys): Q.codes^T and P'.codes on AMX tiles, the
 codes as exact bf16 operands, scales and zeros applied in fp32 around the products (kivi keys'
-per-channel scales in the query, as two bf16 parts). Against the fp32
-reference it rounds one thing, each weight p * value scale to bf16 (2^-9 relative), with the codes
-centred on their midpoint so that the rounding scales with a value's distance from its group's
-middle, as the prefill kernel's rounding of p does. The tests use the kernel tests' bf16
-tolerance unchanged (kernel_cases.TOLERANCE).
+per-channel scales in the query, as two bf16 parts). Against the fp32 reference it rounds one
+thing, each weight p * value scale to bf16 (relative error at most u = 2^-8; 8-bit values keep two
+bf16 parts, 2^-16), with the codes centred on their group's midpoint m so that the error of a
+key's share is p d (v - m), and window keys' weights p (error p d v); the softmax sum adds the
+unrounded p. So outputs are compared by kernel_cases.check_bf16_rows with Roundings(weights=...)
+against the fp32 reference of the same bf16 inputs (its docstring derives the bound), and one key,
+or one 16-key tile, dropped out of 3000 must fail that comparison (test_dropped_key_or_tile_fails).
 
 Each case runs twice in one process, with the AMX kernel and with the vector kernel
-(KVTUNER_DECODE_ISA=off, read at every call): both must match the reference, and their outputs
-must differ in some bit, which shows that the AMX kernel, not the vector one, computed the first.
+(KVTUNER_DECODE_ISA=off, read at every call): each run asserts the route it took (ops.cpu_routes)
+and matches the reference (the vector kernel's rows are fp32 but for the output's rounding).
 Skipped where the CPU has no AMX.
 """
 
@@ -19,8 +21,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_cases import TOLERANCE, layer_format, make_batch, reference_attention
+from kernel_cases import BF16_UNIT, Roundings, bf16_reference, check_bf16_rows, layer_format, make_batch
 from test_paged_attention import RAGGED_SEQ_LENS, run_op
+
+from kvtuner_vllm import ops
 
 pytestmark = pytest.mark.skipif(not torch.cpu._is_amx_tile_supported(), reason="the CPU has no AMX tiles")
 
@@ -28,20 +32,30 @@ pytestmark = pytest.mark.skipif(not torch.cpu._is_amx_tile_supported(), reason="
 PACKED_BIT_PAIRS = [(8, 8), (8, 4), (4, 4), (4, 2), (2, 2), (2, 8)]
 
 
-def run_both(batch, monkeypatch) -> tuple[torch.Tensor, torch.Tensor]:
-    monkeypatch.setenv("KVTUNER_DECODE_ISA", "amx")
-    on_amx = run_op(batch, "cpu", padding=2)
-    monkeypatch.setenv("KVTUNER_DECODE_ISA", "off")
-    on_vectors = run_op(batch, "cpu", padding=2)
-    return on_amx, on_vectors
+def amx_roundings(value_bits: int) -> Roundings:
+    """8-bit values' weights enter as two bf16 parts (kSplitWeights): ~16 significant bits."""
+    return Roundings(weights=BF16_UNIT if value_bits < 8 else 2.0**-16)
 
 
-def check(batch, monkeypatch, expect_amx: bool = True) -> None:
-    expected = reference_attention(batch, batch.fmt.head_size**-0.5).float()
-    on_amx, on_vectors = run_both(batch, monkeypatch)
-    torch.testing.assert_close(on_amx.float(), expected, **TOLERANCE[torch.bfloat16])
-    torch.testing.assert_close(on_vectors.float(), expected, **TOLERANCE[torch.bfloat16])
-    assert torch.equal(on_amx, on_vectors) != expect_amx, "the AMX kernel did not take (or took) the items"
+def run_routed(batch, monkeypatch, decode_isa: str) -> tuple[torch.Tensor, ops.CpuRoutes]:
+    monkeypatch.setenv("KVTUNER_DECODE_ISA", decode_isa)
+    ops.reset_cpu_routes()
+    out = run_op(batch, "cpu", padding=2)
+    return out, ops.cpu_routes()
+
+
+def check(batch, monkeypatch, every_item: bool = True) -> None:
+    """Both kernels against the reference; the AMX run took every item (`every_item`) or some."""
+    scale = batch.fmt.head_size**-0.5
+    on_amx, amx_routes = run_routed(batch, monkeypatch, "amx")
+    on_vectors, vector_routes = run_routed(batch, monkeypatch, "off")
+    if every_item:
+        assert amx_routes.taken() == {"amx_decode"}, amx_routes
+    else:
+        assert "amx_decode" in amx_routes.taken() and amx_routes.taken() <= {"amx_decode", "vector"}, amx_routes
+    assert vector_routes.taken() == {"vector"}, vector_routes
+    check_bf16_rows(on_amx, bf16_reference(batch, scale, amx_roundings(batch.fmt.value_bits)))
+    check_bf16_rows(on_vectors, bf16_reference(batch, scale, Roundings()))
 
 
 @pytest.mark.parametrize("window", [0, 5, "block"])
@@ -70,10 +84,11 @@ def test_head_and_group_sizes(head_size, group_size, num_q_heads, num_kv_heads, 
 
 @pytest.mark.parametrize("window,key_group_size", [(0, 0), (16, 0), (32, 16)])
 def test_speculative_rows(window, key_group_size, monkeypatch):
-    """Items of several query tokens: each row reads its own packed range and window."""
+    """Items of several query tokens: each row reads its own packed range and window. Items of more
+    (row, key group) columns than a score tile holds (the 9 rows and more here) stay on vectors."""
     fmt = layer_format(4, 4, 64, 32, window=window, key_group_size=key_group_size)
     batch = make_batch(fmt, [70, 129, 33, 250], [3, 4, 2, 5], num_q_heads=6, num_kv_heads=2, block_size=32)
-    check(batch, monkeypatch)
+    check(batch, monkeypatch, every_item=False)
 
 
 # Kivi keys (per-channel scales over key groups of G_t positions): key group sizes, windows of one
@@ -102,6 +117,20 @@ def test_long_context_partitions(key_group_size, monkeypatch):
     check(batch, monkeypatch)
 
 
+def test_dropped_key_or_tile_fails(monkeypatch):
+    """check_bf16_rows passes the kernel's output against its own reference and fails it against
+    one without a key, or without a 16-key tile, out of 3000: a kernel that skipped them would fail."""
+    fmt = layer_format(4, 4, 64, 32)
+    batch = make_batch(fmt, [3000], [1], num_q_heads=9, num_kv_heads=3, block_size=128)
+    out, routes = run_routed(batch, monkeypatch, "amx")
+    assert routes.taken() == {"amx_decode"}, routes
+    ref = bf16_reference(batch, 0.125, amx_roundings(4))
+    check_bf16_rows(out, ref)
+    for dropped in ([1500], list(range(1024, 1040))):
+        with pytest.raises(AssertionError, match="its bound"):
+            check_bf16_rows(out, ref, ref.without_keys(dropped))
+
+
 @pytest.mark.parametrize(
     "fmt",
     [layer_format(16, 4, 64, 32), layer_format(4, 16, 64, 32), layer_format(4, 4, 64, 32, torch.float16)],
@@ -110,7 +139,9 @@ def test_long_context_partitions(key_group_size, monkeypatch):
 def test_other_formats_stay_on_vectors(fmt, monkeypatch):
     """What the kernel does not take runs on the vector kernel: identical outputs either way."""
     batch = make_batch(fmt, [40, 129], [1, 1], num_q_heads=4, num_kv_heads=2, block_size=32)
-    on_amx, on_vectors = run_both(batch, monkeypatch)
+    on_amx, amx_routes = run_routed(batch, monkeypatch, "amx")
+    on_vectors, vector_routes = run_routed(batch, monkeypatch, "off")
+    assert amx_routes.taken() == vector_routes.taken() == {"vector"}
     assert torch.equal(on_amx, on_vectors)
 
 
@@ -119,13 +150,7 @@ def test_rows_beyond_the_kernel_stay_on_vectors(monkeypatch):
     the vector kernel."""
     fmt = layer_format(4, 4, 128, 32)
     batch = make_batch(fmt, [40, 129], [1, 1], num_q_heads=10, num_kv_heads=2, block_size=32)
-    on_amx, on_vectors = run_both(batch, monkeypatch)
+    on_amx, amx_routes = run_routed(batch, monkeypatch, "amx")
+    on_vectors, vector_routes = run_routed(batch, monkeypatch, "off")
+    assert amx_routes.taken() == vector_routes.taken() == {"vector"}
     assert torch.equal(on_amx, on_vectors)
-
-
-def test_rejects_unknown_decode_isa(monkeypatch):
-    fmt = layer_format(4, 4, 64, 64)
-    batch = make_batch(fmt, [5], [1], num_q_heads=2, num_kv_heads=1, block_size=16)
-    monkeypatch.setenv("KVTUNER_DECODE_ISA", "amx2")
-    with pytest.raises(ValueError, match="KVTUNER_DECODE_ISA must be amx or off"):
-        run_op(batch, "cpu")

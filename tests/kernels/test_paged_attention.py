@@ -4,6 +4,9 @@ tolerance) and against unquantized fp32 attention (within the error the quantiza
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,6 +15,9 @@ from kernel_cases import (
     DEVICES,
     TOLERANCE,
     PagedBatch,
+    Roundings,
+    bf16_reference,
+    check_bf16_rows,
     layer_format,
     make_batch,
     reference_attention,
@@ -22,6 +28,19 @@ from kvtuner_vllm import ops
 
 # 17 sequences of mixed lengths (1 token, partial and full blocks, several blocks).
 RAGGED_SEQ_LENS = [1, 54, 97, 16, 17, 128, 129, 300, 2, 33, 64, 250, 5, 111, 200, 31, 77]
+
+
+@pytest.fixture(autouse=True)
+def narrower_build_ran():
+    """In test_narrower_cpu_kernels' subprocess (KVTUNER_CPU_ISA set): every CPU call of each test
+    ran on the vector kernel, built for that ISA."""
+    isa = os.environ.get("KVTUNER_CPU_ISA")
+    if isa:
+        ops.reset_cpu_routes()
+    yield
+    if isa:
+        routes = ops.cpu_routes()
+        assert routes.vector_isa == isa and routes.taken() <= {"vector"}, routes
 
 
 def run_op(batch: PagedBatch, device: str, softcap=None, scale=None, workspace=None, padding=0) -> torch.Tensor:
@@ -284,12 +303,9 @@ def test_opcheck():
 @pytest.mark.parametrize("isa", ["avx2", "baseline"])
 def test_narrower_cpu_kernels(isa):
     """The AVX2 and baseline builds of the vector kernel (the CPU picks the widest it has; CI
-    machines may lack AVX-512) pass this file's reference comparisons too."""
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "KVTUNER_CPU_ISA": isa}
+    machines may lack AVX-512) pass this file's reference comparisons too, every sequence on them
+    (KVTUNER_PREFILL_ISA=off, as on a CPU without AVX-512; narrower_build_ran asserts it)."""
+    env = {**os.environ, "KVTUNER_CPU_ISA": isa, "KVTUNER_PREFILL_ISA": "off"}
     selected = "decode_ragged_batch and 128- or prefill_and_chunked or head_and_group or kivi_key_groups or softcap"
     result = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider",
                              "-k", f"({selected}) and cpu"], env=env, capture_output=True, text=True)
@@ -297,13 +313,18 @@ def test_narrower_cpu_kernels(isa):
     assert " passed" in result.stdout
 
 
-def test_rejects_unknown_cpu_isa():
-    import os
-    import subprocess
-    import sys
-
-    code = ("import torch; from kernel_cases import *; from test_paged_attention import run_op; "
-            "run_op(make_batch(layer_format(4, 4, 64, 32), [5], [1], 2, 1, 16), 'cpu')")
-    result = subprocess.run([sys.executable, "-c", code], env={**os.environ, "KVTUNER_CPU_ISA": "avx9000"},
-                            cwd=os.path.dirname(__file__), capture_output=True, text=True)
-    assert result.returncode != 0 and "KVTUNER_CPU_ISA must be avx512, avx2 or baseline" in result.stderr
+def test_vector_kernel_misses_no_key(monkeypatch):
+    """The vector kernel in bf16 (fp32 inside: Roundings()) against its reference and against one
+    without a key, or without a 16-key tile, out of 3000: kernel_cases.check_bf16_rows must fail the
+    latter (see its module docstring)."""
+    monkeypatch.setenv("KVTUNER_DECODE_ISA", "off")
+    fmt = layer_format(4, 4, 64, 32)
+    batch = make_batch(fmt, [3000], [1], num_q_heads=9, num_kv_heads=3, block_size=128)
+    ops.reset_cpu_routes()
+    out = run_op(batch, "cpu")
+    assert ops.cpu_routes().taken() == {"vector"}
+    ref = bf16_reference(batch, 0.125, Roundings())
+    check_bf16_rows(out, ref)
+    for dropped in ([1500], list(range(1024, 1040))):
+        with pytest.raises(AssertionError, match="its bound"):
+            check_bf16_rows(out, ref, ref.without_keys(dropped))
