@@ -29,8 +29,8 @@ ENV TORCH_CUDA_ARCH_LIST="8.0 8.6 8.9 9.0" \
     MAX_JOBS=4
 # Build against the image's own torch and vLLM (no build isolation). The checks run from / so that
 # the installed package, not this source folder, is imported.
-RUN if command -v uv >/dev/null; then uv pip install --system --no-build-isolation .; \
-    else python3 -m pip install --no-cache-dir --no-build-isolation .; fi \
+RUN if command -v uv >/dev/null; then uv pip install --system --no-build-isolation ".[calibration]"; \
+    else python3 -m pip install --no-cache-dir --no-build-isolation ".[calibration]"; fi \
     && cd / && python3 -c "from kvtuner_vllm.ops import load_kernels; load_kernels()" \
     && kvtuner-vllm --version
 

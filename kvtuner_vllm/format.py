@@ -91,7 +91,6 @@ from functools import cached_property
 
 import torch
 
-FORMAT_VERSION = "kvtuner-packed/v2"
 PER_TOKEN = "per-token-group"
 KIVI = "kivi"
 SCHEMES = (PER_TOKEN, KIVI)
@@ -202,10 +201,6 @@ class LayerFormat:
         check_window(self.scheme, self.key_group_size, self.residual_length)
         if self.dtype not in SUPPORTED_DTYPES:
             raise ValueError(f"unsupported model dtype {self.dtype}: use one of {SUPPORTED_DTYPES}")
-
-    @property
-    def num_groups(self) -> int:
-        return self.head_size // self.group_size
 
     @property
     def unquantized(self) -> bool:

@@ -48,6 +48,7 @@ class ModelInfo:
     head_size: int
     num_kv_heads: int
     dtype: torch.dtype = torch.bfloat16
+    block_size: int | None = None  # vLLM's, once known: the window and kivi key groups must fit in a block
 
 
 @dataclass(frozen=True)
@@ -62,9 +63,6 @@ class ResolvedMap:
     @classmethod
     def from_config(cls, data: dict[str, Any]) -> ResolvedMap:
         return cls(PrecisionMap.model_validate(data["map"]), data["source"])
-
-    def layer_format(self, layer: int, model: ModelInfo) -> kvformat.LayerFormat:
-        return self.map.layer_format(layer, model.head_size, model.dtype)
 
 
 def user_options(additional_config: dict | None) -> dict[str, Any]:
@@ -170,7 +168,8 @@ def _matches(preset_key: str, model_keys: set[str]) -> bool:
 
 
 def check(resolved: ResolvedMap, model: ModelInfo) -> None:
-    """Reject a map made for another model, or one that does not fit this model's shape."""
+    """The one check of a map against the model it serves: made for it (name), its layer count, head size
+    and group size, and, once vLLM's block size is known, that the window and kivi key groups fit a block."""
     map_ = resolved.map
     if map_.model and not _matches(normalize_name(map_.model), {normalize_name(n) for n in model.names if n}):
         raise PrecisionMapError(
@@ -178,3 +177,14 @@ def check(resolved: ResolvedMap, model: ModelInfo) -> None:
             f"use a map calibrated for this model, or remove its \"model\" field if it really fits"
         )
     map_.check_model(model.num_layers, model.head_size, source=resolved.source)
+    if model.block_size is not None:
+        # The window and key groups are the map's, the same in every layer: layer 0 stands for all.
+        check_block_size(map_.layer_format(0, model.head_size, model.dtype), model.block_size, resolved.source)
+
+
+def check_block_size(fmt: kvformat.LayerFormat, block_size: int, source: str) -> None:
+    """A layer format against vLLM's block size, as a PrecisionMapError that names `source`."""
+    try:
+        kvformat.check_block_size(fmt, block_size)
+    except ValueError as err:
+        raise PrecisionMapError(f"{source}: {err}") from None

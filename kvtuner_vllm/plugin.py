@@ -230,7 +230,7 @@ def _wrap_capacity_log() -> None:
         def update_kv_cache_capacity(vllm_config, kv_cache_config) -> None:
             original(vllm_config, kv_cache_config)
             if vllm_config.cache_config.cache_dtype == DTYPE:
-                from kvtuner_vllm.vllm_config import log_startup_block
+                from kvtuner_vllm.startup_log import log_startup_block
 
                 log_startup_block(vllm_config, kv_cache_config)
 

@@ -1,5 +1,5 @@
 """The bridge between vLLM's VllmConfig and the precision map: refusal of what we cannot serve,
-map resolution in the API server, per-layer formats and rings in the workers, and the startup log.
+map resolution in the API server, per-layer formats and rings in the workers.
 Imported lazily by kvtuner_vllm.plugin, only when --kv-cache-dtype is kvtuner.
 """
 
@@ -17,10 +17,11 @@ from kvtuner_vllm.map_resolution import (
     ModelInfo,
     ResolvedMap,
     check,
+    check_block_size,
     resolve,
     user_options,
 )
-from kvtuner_vllm.precision_map import PrecisionMapError, compact_ranges
+from kvtuner_vllm.precision_map import PrecisionMapError
 
 logger = logging.getLogger("vllm.kvtuner")
 
@@ -37,6 +38,7 @@ def model_info(vllm_config) -> ModelInfo:
         head_size=mc.get_head_size(),
         num_kv_heads=mc.get_num_kv_heads(vllm_config.parallel_config),
         dtype=mc.dtype,
+        block_size=vllm_config.cache_config.block_size,
     )
 
 
@@ -109,16 +111,9 @@ def check_supported(vllm_config) -> None:
         )
 
 
-def check_window_support(vllm_config, resolved: ResolvedMap) -> None:
-    """What a map's window and kivi groups need of the engine: a block size that holds them, and
-    vLLM's hybrid KV cache manager (which allocates the per-request rings)."""
-    block_size = vllm_config.cache_config.block_size
-    if block_size is not None:
-        fmt = resolved.map.layer_format(0, vllm_config.model_config.get_head_size(), vllm_config.model_config.dtype)
-        try:
-            kvformat.check_block_size(fmt, block_size)
-        except ValueError as err:
-            raise PrecisionMapError(f"{resolved.source}: {err}") from None
+def check_ring_support(vllm_config, resolved: ResolvedMap) -> None:
+    """What a map's window needs of the engine: vLLM's hybrid KV cache manager, which allocates the
+    per-request rings."""
     if resolved.map.residual_length and vllm_config.scheduler_config.disable_hybrid_kv_cache_manager:
         raise UnsupportedConfigError(
             f"{resolved.source}: the map's full-precision window (residual_length {resolved.map.residual_length}) "
@@ -139,7 +134,7 @@ def resolve_for_vllm(vllm_config) -> ResolvedMap:
         check(resolved, model_info(vllm_config))
         return resolved
     resolved = resolve(options, model_info(vllm_config))
-    check_window_support(vllm_config, resolved)
+    check_ring_support(vllm_config, resolved)
     for warning in resolved.warnings:
         logger.warning("kvtuner: %s", warning)
     logger.info("kvtuner: precision map from %s (%.2f average bits)", resolved.source, resolved.map.avg_bits)
@@ -168,20 +163,15 @@ def layer_format(vllm_config, layer_name: str, head_size: int) -> kvformat.Layer
             f"covers layers 0-{resolved.map.num_layers - 1}; use a map calibrated for this model"
         )
     fmt = resolved.map.layer_format(index, head_size, vllm_config.model_config.dtype)
-    if vllm_config.cache_config.block_size is not None:
-        try:
-            kvformat.check_block_size(fmt, vllm_config.cache_config.block_size)
-        except ValueError as err:
-            raise PrecisionMapError(f"{resolved.source}, layer {index}: {err}") from None
+    if vllm_config.cache_config.block_size is not None:  # a worker's config, never checked in this process
+        check_block_size(fmt, vllm_config.cache_config.block_size, f"{resolved.source}, layer {index}")
     return fmt
 
 
 def check_layer_block_size(attention, block_size: int) -> None:
-    """The layer's window and kivi groups against the block size vLLM settled on."""
-    try:
-        kvformat.check_block_size(attention.impl.fmt, block_size)
-    except ValueError as err:
-        raise PrecisionMapError(f"{attention.layer_name}: {err}") from None
+    """The layer's window and kivi groups against the block size vLLM settled on (the map was checked
+    against the block size the config had, which vLLM may still change)."""
+    check_block_size(attention.impl.fmt, block_size, attention.layer_name)
 
 
 def bind_layer(attention) -> None:
@@ -200,55 +190,3 @@ def bind_layer(attention) -> None:
     fmt = layer_format(vllm_config, attention.layer_name, attention.head_size)
     ring_name = register_ring(vllm_config, attention, fmt) if fmt.has_window else None
     attention.impl.bind(fmt, ring_name)
-
-
-def startup_block(vllm_config, memory_bytes: int, num_tokens: int, layers: list[int], ring_blocks: int = 0,
-                  tokens_with_rings: int | None = None) -> str:
-    """The one log block: map source and format, (K, V) pairs, bytes per token, capacity vs bf16 for
-    the `layers` this process caches (all of them, or a pipeline stage's), and what the window rings
-    cost (`ring_blocks` blocks per running request)."""
-    resolved = resolved_map(vllm_config)
-    info = model_info(vllm_config)
-    block_size = vllm_config.cache_config.block_size
-    dense_per_token = len(layers) * info.num_kv_heads * 2 * info.head_size * info.dtype.itemsize
-    dense_tokens = memory_bytes // (dense_per_token * block_size) * block_size
-    dtype_name = str(info.dtype).removeprefix("torch.")
-    pc = vllm_config.parallel_config
-    where = ""
-    if pc.tensor_parallel_size > 1 or pc.pipeline_parallel_size > 1:
-        where = (f" per rank (tensor parallel {pc.tensor_parallel_size}: {info.num_kv_heads} KV head(s) each; "
-                 f"pipeline parallel {pc.pipeline_parallel_size}: this stage caches layers {compact_ranges(layers)})")
-    lines = [
-        "kvtuner KV cache",
-        f"  precision map: {resolved.source}",
-        "  " + resolved.map.summary(info.head_size, info.num_kv_heads, info.dtype).replace("\n", "\n  "),
-        f"  KV capacity{where}: {num_tokens:,} tokens in {memory_bytes / 2**30:.2f} GiB; {dtype_name} would hold "
-        f"{dense_tokens:,} tokens ({num_tokens / max(dense_tokens, 1):.2f}x)",
-    ]
-    if ring_blocks:
-        max_len = vllm_config.model_config.max_model_len
-        lines.append(
-            f"  allocated as {ring_blocks} ring block(s) ({ring_blocks * block_size} tokens' worth) per running "
-            f"request; with them, {max_len}-token requests fill {tokens_with_rings:,} tokens "
-            f"({tokens_with_rings / max(dense_tokens, 1):.2f}x {dtype_name})"
-        )
-    return "\n".join(lines)
-
-
-def log_startup_block(vllm_config, kv_cache_config) -> None:
-    """In EngineCore, once vLLM has sized the cache: our block next to vLLM's own capacity line."""
-    from vllm.model_executor.models.utils import extract_layer_index
-
-    # Every KVCacheTensor describes a view into one shared backing allocation of `size` bytes.
-    memory_bytes = vllm_config.cache_config.kv_cache_memory_bytes or max(
-        tensor.size for tensor in kv_cache_config.kv_cache_tensors
-    )
-    num_tokens = kv_cache_config.num_blocks * vllm_config.cache_config.block_size
-    groups = kv_cache_config.kv_cache_groups
-    layers = sorted(extract_layer_index(name) for group in groups if group.kv_cache_spec.prefix_cacheable
-                    for name in group.layer_names)
-    # Each ring group (vLLM packs as many rings into a block as fit) holds one block per request;
-    # vLLM's own count (max concurrency x max_model_len) already charges each request those blocks.
-    ring_blocks = sum(not group.kv_cache_spec.prefix_cacheable for group in groups)
-    logger.info("%s", startup_block(vllm_config, memory_bytes, num_tokens, layers, ring_blocks,
-                                    vllm_config.cache_config.kv_cache_size_tokens))

@@ -16,6 +16,8 @@ TORCH_VERSION=2.13.0
 VLLM_VERSION="$(sed -n 's/^SUPPORTED_VLLM = "\(.*\)"$/\1/p' kvtuner_vllm/__init__.py)"
 [ -n "$VLLM_VERSION" ] || { echo "setup: SUPPORTED_VLLM not found in kvtuner_vllm/__init__.py" >&2; exit 1; }
 STAMP="$VENV/.kvtuner-build-stamp"
+# Serving alone needs none of these: calibration, the bundled demo model, and the tests and lint.
+EXTRAS="calibration,demo,test"
 start=$SECONDS
 
 log() { echo "[setup] $*"; }
@@ -121,9 +123,9 @@ stamp_install="" stamp_src=""
 jobs="${MAX_JOBS:-$(nproc)}"
 t0=$SECONDS
 if [ "${stamp_install:-}" != "$install_hash" ] || [ -z "${have[kvtuner-vllm]}" ]; then
-    log "installing kvtuner-vllm (pip install -e '.[test]' --no-build-isolation, MAX_JOBS=$jobs)"
+    log "installing kvtuner-vllm (pip install -e '.[$EXTRAS]' --no-build-isolation, MAX_JOBS=$jobs)"
     rm -f "$STAMP"
-    MAX_JOBS="$jobs" pip_install --no-build-isolation -e ".[test]"
+    MAX_JOBS="$jobs" pip_install --no-build-isolation -e ".[$EXTRAS]"
     built=1
 elif [ "${stamp_src:-}" != "$src_hash" ] || ! compgen -G "kvtuner_vllm/_C*.so" >/dev/null; then
     log "rebuilding the kernels (setup.py build_ext --inplace, incremental, MAX_JOBS=$jobs)"
