@@ -11,19 +11,39 @@ from pathlib import Path
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
-def machine_info() -> dict:
-    """The machine a number came from: CPU model, cores, and the library versions."""
-    import torch
+# The CPU features that decide which attention kernels run (ours and vLLM's), as /proc/cpuinfo names them.
+ISA_FLAGS = ("amx_tile", "amx_bf16", "avx512_bf16", "avx512f", "avx2")
 
-    cpu = platform.processor()
+
+def _cpuinfo() -> tuple[str, set[str]]:
+    """(CPU model name, feature flags) of the first processor in /proc/cpuinfo."""
+    fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__}
+    return fields.get("model name", platform.processor()), set(fields.get("flags", "").split())
+
+
+def cpu_isa() -> list[str]:
+    """The kernel-relevant ISA extensions this CPU offers, widest first."""
+    return [flag for flag in ISA_FLAGS if flag in _cpuinfo()[1]]
+
+
+def host_description() -> str:
+    """One line: CPU model, cores and ISA, e.g. for a test run's header."""
+    model, _ = _cpuinfo()
+    return f"{model}, {os.cpu_count()} cores, ISA {' '.join(cpu_isa()) or 'baseline x86-64'}"
+
+
+def machine_info() -> dict:
+    """The machine a number came from: CPU model, cores, ISA, torch threads, and the library versions."""
+    import torch
+
+    info = {"cpu": _cpuinfo()[0], "cores": os.cpu_count(), "isa": cpu_isa(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     try:

@@ -7,6 +7,7 @@ it, so every number in it comes from a results file, next to the command that ma
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 from benchmarks.common import RESULTS_DIR
@@ -43,8 +44,8 @@ def quality_section(result: dict) -> list[str]:
     return [
         "### Quality and capacity, served by vLLM",
         "",
-        f"`{result['command']}` on {result['machine']['cpu']} ({result['machine']['cores']} cores), "
-        f"{result['model']}, vLLM {result['machine'].get('vllm', '?')}, {result['created']}, "
+        f"`{result['command']}` on {machine_text(result['machine'])}, "
+        f"{result['model']}, {result['created']}, "
         f"{result['wall_seconds'] / 60:.1f} min. Teacher-forced over {s['windows']} held-out windows of "
         f"{s['window_tokens']} tokens (Debian licence texts, never seen by calibration): perplexity, KL to `auto` "
         "over auto's top-20 tokens (a lower bound), top-1 agreement; greedy agreement = matching prefix of "
@@ -62,44 +63,59 @@ def quality_section(result: dict) -> list[str]:
     ]
 
 
+def turn_ratio_quartiles(times: list[float], base: list[float]) -> tuple[float, float, float]:
+    """(median, 25th, 75th percentile) of the per-turn speedups base / time: with 30 turns the middle half
+    says what a turn gives, where the extremes are single turns that another process interrupted."""
+    low, median, high = statistics.quantiles([b / t for b, t in zip(base, times, strict=True)], n=4)
+    return median, low, high
+
+
 def kernel_section(result: dict) -> list[str]:
     rows, s, machine = result["rows"], result["settings"], result["machine"]
     steps = list(dict.fromkeys(r["step"] for r in rows))
     lines = [
         "### Attention step per layer (CPU kernels)",
         "",
-        f"`{result['command']}` on {machine['cpu']}, {s['threads']} threads, {result['created']}: one layer's cache "
-        f"write + attention, median of {s['repeats']} turns; decode = {s['decode'][0]} sequences x {s['decode'][1]} "
-        f"tokens, prefill = one {s['prompt']}-token prompt, mixed = {s['decode'][0] - 1} decodes beside a "
-        f"{s['prompt']}-token chunk; decode with cold caches: the same decode after reading a buffer 1.5x the "
+        f"`{result['command']}` on {machine_text(machine)}, {s['threads']} threads, {result['created']}: one "
+        f"layer's cache write + attention, {s['repeats']} turns; decode = {s['decode'][0]} sequences x "
+        f"{s['decode'][1]} tokens, prefill = one {s['prompt']}-token prompt, mixed = {s['decode'][0] - 1} decodes "
+        f"beside a {s['prompt']}-token chunk; decode with cold caches: the same decode after reading a buffer 1.5x the "
         f"last-level cache (what a served layer finds: the other layers went through the caches since its last step); "
         f"block {s['block_size']}, {s['dtype']}. vLLM rows: its own CPU attention at the "
         "ISA it serves with here; `ours KV16` is our kernel on unquantized pages (the control row: what the kernel "
         "costs before the bytes shrink); `ours KV4 R32, vector decode` runs the same pages with the AMX decode "
-        "kernel off (what the matrix units bring). Cells: ms (speedup vs vLLM bf16); decode also the GB/s of KV read.",
+        "kernel off (what the matrix units bring). Cells: ms, median over the turns (speedup vs vLLM bf16: the median "
+        "of the per-turn ratios, each turn's kernels called back to back, with their interquartile range, a tie where "
+        "it holds 1.00x; the JSON keeps every turn); decode also the GB/s of KV read. Route: vLLM's ISA, and the "
+        "kernels ours took in each step (as they count them), one entry where every step took the same.",
         "",
     ]
     for shape in dict.fromkeys(r["shape"] for r in rows):
         table = []
         for kernel in dict.fromkeys(r["kernel"] for r in rows if r["shape"] == shape):
             cells = {r["step"]: r for r in rows if (r["shape"], r["kernel"]) == (shape, kernel)}
-            isa = cells[steps[0]]["isa"]
-            row = [kernel + (f" (`{isa}`)" if isa else ""), f"{cells[steps[0]]['kv_bytes_per_token']:,}"]
+            row = [kernel, f"{cells[steps[0]]['kv_bytes_per_token']:,}"]
             for step in steps:
                 r = cells[step]
-                row.append(f"{r['time_ms']:.2f} ({r['speedup_vs_vllm_bf16']:.2f}x)"
+                base = next(b for b in rows if (b["shape"], b["step"], b["kernel"]) == (shape, step, "vLLM bf16"))
+                speedup = ratio_cell(*turn_ratio_quartiles(r["times_ms"], base["times_ms"]))
+                row.append(f"{r['time_ms']:.2f} ({speedup})"
                            + (f", {r['gb_per_s']:.1f} GB/s" if step.startswith("decode") else ""))
+            routes = list(dict.fromkeys(cells[step]["isa"] for step in steps))
+            row.append(" / ".join(f"`{route}`" for route in routes))
             table.append(row)
-        lines += [f"{shape}:", "", *_table(["kernel", "KV B/token", *steps], table), ""]
+        lines += [f"{shape}:", "", *_table(["kernel", "KV B/token", *steps, "route"], table), ""]
     stem = "attention_steps_quick" if "--quick" in result["command"] else "attention_steps"
     return lines + [f"![attention steps](benchmarks/results/{stem}.png)", ""]
 
 
 def _rounds_text(repeats: int) -> str:
     if repeats == 1:
-        return "One run per config, one server at a time."
+        return "One run per config, one server at a time: ratios compare runs at different times."
     return (f"Every config's server runs at once (idle ones take no CPU) and the benchmark visits them in turn, "
-            f"{repeats} rounds; cells are medians over the rounds, out tok/s with the rounds' range.")
+            f"{repeats} rounds. out tok/s: median over the rounds (their range); a `vs` cell: the median of the "
+            "per-round ratios, each round's two configs measured back to back, with the range of those ratios, "
+            "marked a tie where the range holds 1.00x.")
 
 
 def _throughput_cell(run: dict) -> str:
@@ -108,59 +124,63 @@ def _throughput_cell(run: dict) -> str:
     return f"{run['output_throughput']:.1f}{spread}"
 
 
+def paired_ratio(run: dict, base: dict) -> tuple[float, float, float]:
+    """(median, min, max) of the per-round ratios of two configs' output throughput."""
+    ratios = [a / b for a, b in zip(run["output_throughput_rounds"], base["output_throughput_rounds"], strict=True)]
+    return statistics.median(ratios), min(ratios), max(ratios)
+
+
+def ratio_cell(median: float, low: float, high: float) -> str:
+    """A paired ratio with its range; a range that holds 1.00x makes it a tie."""
+    if low == high:
+        return f"{median:.2f}x"
+    tie = ", tie" if low <= 1.0 <= high else ""
+    return f"{median:.2f}x ({low:.2f}-{high:.2f}){tie}"
+
+
+def machine_text(machine: dict) -> str:
+    """CPU model, cores, its kernel-relevant ISA and the versions, as a results file records them."""
+    isa = " ".join(machine.get("isa", [])) or "not recorded"
+    threads = f", {machine['threads']} torch threads" if "threads" in machine else ""
+    after = f"; recorded after the run: {machine['recorded_after']}" if "recorded_after" in machine else ""
+    return (f"{machine['cpu']} ({machine['cores']} cores, ISA {isa}{threads}{after}), "
+            f"torch {machine.get('torch', '?')}, vLLM {machine.get('vllm', '?')}")
+
+
 def serving_section(result: dict) -> list[str]:
+    machine = result.get("machine")
     lines = [
         "### Serving throughput (`vllm bench serve`)",
         "",
         f"`python -m benchmarks.serving.run{' --quick' if result.get('quick') else ''}`: {result['model']} on "
-        f"{result['device']}, `--enforce-eager`, both cores, equal KV memory per setting. "
-        f"{_rounds_text(result.get('repeats', 1))}",
+        f"{machine_text(machine) if machine else result['device']}, {result.get('created', 'date not recorded')}, "
+        f"`--enforce-eager`, both cores, equal KV memory per setting. {_rounds_text(result.get('repeats', 1))}",
         "",
     ]
     for workload in result["workloads"].values():
         w = workload["workload"]
         for setting, data in workload["settings"].items():
-            runs = data["runs"]
-            base = runs["auto"]["output_throughput"]
+            runs = {name: r for name, r in data["runs"].items() if "error" not in r}
+            bases = [name for name in ("auto", "fp8") if name in runs]
             rows = [
                 [
-                    name, _throughput_cell(r), f"{r['output_throughput'] / base:.2f}x",
+                    name, _throughput_cell(r),
+                    *(ratio_cell(*paired_ratio(r, runs[base])) for base in bases),
                     f"{r['request_throughput']:.2f}", f"{r['p50_ttft_ms']:.0f} / {r['p99_ttft_ms']:.0f}",
                     f"{r['p50_tpot_ms']:.0f} / {r['p99_tpot_ms']:.0f}", f"{r['kv_capacity_tokens']:,}",
                 ]
                 for name, r in runs.items()
-                if "error" not in r
             ]
             lines += [
                 f"{w['input_len']} in / {w['output_len']} out, {w['num_prompts']} requests at concurrency "
                 f"{w['concurrency']}; {setting}, {data['kv_cache_bytes'] / 2**20:.0f} MiB of KV cache:",
                 "",
-                *_table(["KV cache", "out tok/s", "vs auto", "req/s", "TTFT p50/p99 ms", "TPOT p50/p99 ms",
-                         "KV tokens"], rows),
+                *_table(["KV cache", "out tok/s", *(f"vs {base}" for base in bases), "req/s", "TTFT p50/p99 ms",
+                         "TPOT p50/p99 ms", "KV tokens"], rows),
                 "",
             ]
     stem = "serving-cpu-quick" if result.get("quick") else "serving-cpu"
     return lines + [f"![serving](benchmarks/results/{stem}.png)", ""]
-
-
-def _attention_free_ceiling(profile: dict) -> list[str]:
-    """What a cache that holds every long request at the memory-bound setting could serve at most."""
-    serving = _load("serving-cpu")
-    auto = profile["configs"].get("auto")
-    if serving is None or auto is None or "long" not in serving["workloads"]:
-        return []
-    settings = serving["workloads"]["long"]["settings"]
-    bound, ample = (settings[name]["runs"]["auto"]["output_throughput"] for name in ("memory-bound", "ample"))
-    share = (auto["parts_s"]["attention"] + auto["parts_s"]["KV cache writes"]) / auto["wall_s"]
-    ceiling = ample / (1 - share)
-    memory = settings["memory-bound"]["kv_cache_bytes"] / 2**20
-    return [
-        f"A cache that holds every long request at {memory:.0f} MiB runs the steps `auto` runs at ample memory "
-        f"({ample:.1f} out tok/s above), except for attention and cache writes, {share:.0%} of `auto`'s time here. "
-        f"Were both free, it would serve at most {ample:.1f} / {1 - share:.2f} = {ceiling:.0f} out tok/s, "
-        f"{ceiling / bound:.2f}x `auto` at {memory:.0f} MiB ({bound:.1f}).",
-        "",
-    ]
 
 
 def step_profile_section(result: dict) -> list[str]:
@@ -174,14 +194,14 @@ def step_profile_section(result: dict) -> list[str]:
     return [
         "### Where a step's time goes",
         "",
-        f"`python -m benchmarks.serving.step_profile`: {result['model']} on {result['machine']['cpu']}, vLLM's "
+        f"`python -m benchmarks.serving.step_profile`: {result['model']} on {machine_text(result['machine'])}, "
+        f"{result['created']}, vLLM's "
         f"engine in one process under torch's profiler, {w['num_requests']} requests of {w['input_len']} in / "
         f"{w['output_len']} out at once, {w['kv_cache_bytes'] / 2**30:.0f} GiB of KV cache, `--enforce-eager`; "
         f"seconds (share of the wall time), medians of {result['repeats']} rounds.",
         "",
         *_table(["KV cache", "wall s", "out tok/s", *parts], rows),
         "",
-        *_attention_free_ceiling(result),
     ]
 
 
@@ -191,7 +211,8 @@ def soak_section(result: dict) -> list[str]:
         "### Soak",
         "",
         f"`python -m benchmarks.soak --minutes {s['minutes']:g} --clients {s['clients']}` on "
-        f"{result['machine']['cpu']}: {result['model']} in fp32, 8-bit KIVI map with a 32-position window, "
+        f"{machine_text(result['machine'])}, {result['created']}: {result['model']} in fp32, 8-bit KIVI map with a "
+        "32-position window, "
         f"{s['num_blocks']} blocks of {s['block_size']} tokens; greedy, sampled (n=2) and streamed completions of "
         "random lengths, clients that hang up mid-stream, malformed requests.",
         "",
@@ -203,6 +224,69 @@ def soak_section(result: dict) -> list[str]:
                   "tokens)", str(result["mismatches"])]]),
         "",
     ]
+
+
+CALIBRATION_DIR = Path(__file__).resolve().parent / "calibration"
+CALIBRATION_BEGIN = "<!-- calibration:begin (generated by `python -m benchmarks report`) -->"
+CALIBRATION_END = "<!-- calibration:end -->"
+
+
+def _pairs_text(layers: list[dict]) -> str:
+    """'KV4 x27, K4V2 (layer 11)': each (K, V) pair with its count, or its layer when it has one."""
+    names = [f"KV{k}" if k == v else f"K{k}V{v}" for k, v in ((p["key_bits"], p["value_bits"]) for p in layers)]
+    # Most layers first, ties in layer order: the same text on every run.
+    counts = {name: names.count(name) for name in sorted(set(names), key=lambda n: (-names.count(n), names.index(n)))}
+    return ", ".join(f"{name} x{count}" if count > 1 else f"{name} (layer {names.index(name)})"
+                     for name, count in counts.items())
+
+
+def _ppl_delta(ppl: float, unquantized: float) -> str:
+    return f"{(ppl / unquantized - 1) * 100:+.2f}%"
+
+
+def calibration_section(maps: list[dict]) -> list[str]:
+    """The calibrated SmolLM2 maps on the report text, against the best uniform maps at equal bits and bytes."""
+    rows = []
+    for m in maps:
+        c = m["calibration"]
+        report, uniform = c["report"], c["best_uniform_report"]
+        bits, size = uniform["equal_bits"], uniform["equal_bytes"]
+        same = bits["map"] == size["map"]
+        rows.append([
+            f"{c['budget']:g}", _pairs_text(m["layers"]), f"{c['avg_bits']:.2f}", str(c["bytes_per_token"]),
+            f"{c['capacity_vs_unquantized']:.2f}x", f"**{report['kl']:.5f}**",
+            _ppl_delta(report["ppl"], report["ppl_unquantized"]),
+            f"{bits['map']}: {bits['kl']:.5f}, {_ppl_delta(bits['ppl'], report['ppl_unquantized'])}",
+            "the same" if same else f"{size['map']}: {size['kl']:.5f}, "
+                                    f"{_ppl_delta(size['ppl'], report['ppl_unquantized'])}",
+        ])
+    first = maps[0]["calibration"]
+    tokens, ranges = first["tokens"], first["text_ranges"]
+    text = " + ".join(first["text"])
+    option = f"{maps[0]['scheme']}, key groups of {maps[0]['key_group_size']}, groups of {maps[0]['group_size']}, " \
+             f"window {maps[0]['residual_length']}"
+    return [
+        f"`kvtuner-calibrate MODEL_DIR --budget B` on {maps[0]['model']}, {first['compute_dtype']} forward passes "
+        f"(files in `benchmarks/calibration/`). `{text}` is cut into three disjoint ranges: the search scores maps "
+        f"on {tokens['calibration']} calibration tokens ({ranges['calibration'][0]:.0%}-"
+        f"{ranges['calibration'][1]:.0%} of the text), the map is chosen on {tokens['selection']} selection tokens "
+        f"({ranges['selection'][0]:.0%}-{ranges['selection'][1]:.0%}), and the table is measured on "
+        f"{tokens['report']} report tokens ({ranges['report'][0]:.0%}-{ranges['report'][1]:.0%}), on which "
+        f"nothing is chosen. KL in nats to the unquantized model; PPL relative to its "
+        f"{first['report']['ppl_unquantized']:.3f}. "
+        "The best uniform maps are chosen like the map (on the selection text, among the uniform maps of every "
+        "format option) with no more average bits, and with no more KV bytes per token, than the chosen map.",
+        "",
+        *_table(["budget", f"chosen map ({option})", "bits", "KV B/token", "capacity", "KL", "PPL",
+                 "best uniform map at <= its bits: KL, PPL", "at <= its bytes/token"], rows),
+        "",
+    ]
+
+
+def _calibrated_maps() -> list[dict]:
+    """Every calibrated map under benchmarks/calibration/, highest budget first."""
+    maps = [json.loads(path.read_text()) for path in CALIBRATION_DIR.glob("*/precision_map.json")]
+    return sorted(maps, key=lambda m: -m["calibration"]["budget"])
 
 
 def render() -> str:
@@ -220,10 +304,19 @@ def render() -> str:
     return "\n".join(sections).rstrip() + "\n"
 
 
+def _replace_between(text: str, begin: str, end: str, body: str) -> str:
+    if begin not in text or end not in text:
+        raise SystemExit(f"README.md lacks the markers {begin!r} ... {end!r}")
+    head, rest = text.split(begin, 1)
+    return f"{head}{begin}\n{body}{end}{rest.split(end, 1)[1]}"
+
+
+def with_results(readme: str) -> str:
+    """The README text with its generated sections rendered anew from the results files."""
+    readme = _replace_between(readme, BEGIN, END, render())
+    calibration = "\n".join(calibration_section(_calibrated_maps())).rstrip() + "\n"
+    return _replace_between(readme, CALIBRATION_BEGIN, CALIBRATION_END, calibration)
+
+
 def update_readme() -> None:
-    text = README.read_text()
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"README.md lacks the markers {BEGIN!r} ... {END!r}")
-    head, rest = text.split(BEGIN, 1)
-    tail = rest.split(END, 1)[1]
-    README.write_text(f"{head}{BEGIN}\n{render()}{END}{tail}")
+    README.write_text(with_results(README.read_text()))

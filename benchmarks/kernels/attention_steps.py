@@ -15,14 +15,16 @@ vLLM runs at the ISA it picks on this machine (`amx` where the CPU has AMX tiles
 requesting their permission as vLLM's worker does) in bf16 and in its fp8 cache; ours for the
 bit pairs of the bundled maps, and KV16 (our own 16-bit kernel) as the control row that
 separates the kernel from the bytes; KV4 also with the AMX decode kernel off (the vector kernel
-on the same pages). Timings are medians of repeats, the kernels called in turns so that other
-load hits all alike; decode rows also give the bytes of the pages read per second.
+on the same pages). Every kernel is called once per turn, back to back, so that other load hits
+all alike; a speedup is the median of the per-turn ratios to vLLM bf16, with their range, and a
+time the median over the turns. Decode rows also give the bytes of the pages read per second.
 Writes benchmarks/results/attention_steps[_quick].json and a PNG.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import time
@@ -186,6 +188,15 @@ class KVTunerStep:
         if self.ring_cache is not None:
             ops.write_window(key, value, self.ring_cache, self.ring_block_ids, query_start_loc, seq_lens, self.fmt)
 
+    @functools.cached_property
+    def isa(self) -> str:
+        """The routes one call of this step takes (the kernels' own count), e.g. `vector_avx512`."""
+        ops.reset_cpu_routes()
+        self()
+        routes = ops.cpu_routes()
+        return " + ".join(sorted(f"vector_{routes.vector_isa}" if route == "vector" else route
+                                 for route in routes.taken()))
+
     def __call__(self) -> None:
         b = self.batch
         os.environ["KVTUNER_DECODE_ISA"] = self.decode_isa
@@ -219,9 +230,10 @@ class CacheEvictor:
         self.buffer.amax()
 
 
-def medians(functions: dict, repeats: int, budget_s: float, before=None) -> dict[str, float]:
-    """Median wall time of each function over `repeats` turns (fewer if the budget runs out);
-    `before`, if given, runs untimed before each call."""
+def turn_times(functions: dict, repeats: int, budget_s: float, before=None) -> dict[str, list[float]]:
+    """Each function's wall time in every turn of `repeats` (fewer if the budget runs out), the functions
+    called back to back within a turn so that a turn's ratios compare them under the same load; `before`,
+    if given, runs untimed before each call."""
     times = {name: [] for name in functions}
     for fn in functions.values():
         fn()  # warm up: page faults, thread pool, dispatch caches
@@ -235,7 +247,13 @@ def medians(functions: dict, repeats: int, budget_s: float, before=None) -> dict
             times[name].append(time.perf_counter() - begin)
         if turn >= 4 and time.perf_counter() - start > budget_s:
             break
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def paired_speedup(baseline: list[float], times: list[float]) -> tuple[float, list[float]]:
+    """Median and [min, max] of the per-turn speedups baseline / time (the same turn's two calls)."""
+    ratios = [b / t for b, t in zip(baseline, times, strict=True)]
+    return statistics.median(ratios), [min(ratios), max(ratios)]
 
 
 def run_step(step: Step, shape: str, repeats: int, budget_s: float) -> list[dict]:
@@ -246,16 +264,18 @@ def run_step(step: Step, shape: str, repeats: int, budget_s: float) -> list[dict
     for name, options in OURS.items():
         fmt = kvformat.LayerFormat(head_size=head_size, dtype=DTYPE, **options)
         kernels[name] = KVTunerStep(batch, num_kv_heads, fmt, generator, "off" if name in VECTOR_DECODE else "amx")
-    times = medians(kernels, repeats, budget_s, CacheEvictor() if step.cold else None)
-    baseline = times["vLLM bf16"]
+    times = turn_times(kernels, repeats, budget_s, CacheEvictor() if step.cold else None)
     tokens_read = int(batch.seq_lens.sum())
-    return [
-        {"step": step.name, "shape": shape, "kernel": name, "isa": getattr(kernels[name], "isa", None),
-         "time_ms": t * 1e3, "speedup_vs_vllm_bf16": baseline / t,
-         "kv_bytes_per_token": kernels[name].bytes_per_token,
-         "gb_per_s": tokens_read * kernels[name].bytes_per_token / t / 1e9}
-        for name, t in times.items()
-    ]
+    rows = []
+    for name, turns in times.items():
+        median_s = statistics.median(turns)
+        speedup, speedup_range = paired_speedup(times["vLLM bf16"], turns)
+        rows.append({"step": step.name, "shape": shape, "kernel": name, "isa": kernels[name].isa,
+                     "time_ms": median_s * 1e3, "times_ms": [t * 1e3 for t in turns],
+                     "speedup_vs_vllm_bf16": speedup, "speedup_range": speedup_range,
+                     "kv_bytes_per_token": kernels[name].bytes_per_token,
+                     "gb_per_s": tokens_read * kernels[name].bytes_per_token / median_s / 1e9})
+    return rows
 
 
 def plot(rows: list[dict], path) -> None:

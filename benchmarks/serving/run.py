@@ -25,8 +25,10 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
+from benchmarks.common import machine_info
 from benchmarks.server import VLLM, Server, ServerError, capacity_tokens, server_env
 from kvtuner_vllm.precision_map import PrecisionMap
 
@@ -194,7 +196,8 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="kvtuner-bench-"))
     names = configs(device, work, num_layers)
-    results = {"model": args.model.name, "device": device, "quick": args.quick, "repeats": args.repeats,
+    results = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine_info(),
+               "model": args.model.name, "device": device, "quick": args.quick, "repeats": args.repeats,
                "env": {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "enforce_eager": True},
                "workloads": {tag: run_workload(args.model, WORKLOADS[tag], names, args.only, args.repeats, work, tag)
                              for tag in chosen}}

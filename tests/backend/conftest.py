@@ -108,6 +108,31 @@ def text_logprobs(server: Server) -> list[float]:
         out.append(entry[str(token_id)]["logprob"])
     return out
 
+# Decode vs prefill on identical tokens: prompts long enough that every layer's window (32 or 64 positions)
+# has older, packed positions behind it, and continuations long enough to complete a kivi key group.
+DECODE_PROMPTS = [pydoc_data.topics.topics[topic][:600] for topic in ("assignment", "exceptions", "import")]
+DECODE_TOKENS = 48
+
+
+def decode_vs_prefill(server: Server) -> list[float]:
+    """|log-prob from decode - log-prob from prefill| of each greedily generated token after the first.
+
+    A greedy continuation's log-probs come from the decode path (one query row per step); the same tokens
+    sent back as a prompt with prompt_logprobs go through the prefill path in one chunk (vLLM reads no
+    prefix cache for a request that asks for prompt log-probs). The first token's log-prob comes from the
+    prompt's own prefill in both, so it is left out."""
+    gaps = []
+    for prompt in DECODE_PROMPTS:
+        decoded = server.complete(prompt, max_tokens=DECODE_TOKENS, logprobs=0, ignore_eos=True,
+                                  return_token_ids=True)
+        prompt_ids, generated = decoded["prompt_token_ids"], decoded["token_ids"]
+        prefilled = server.complete(prompt_ids + generated, max_tokens=1, prompt_logprobs=0)["prompt_logprobs"]
+        for i in range(1, len(generated)):
+            entry = prefilled[len(prompt_ids) + i][str(generated[i])]
+            gaps.append(abs(decoded["logprobs"]["token_logprobs"][i] - entry["logprob"]))
+    return gaps
+
+
 @pytest.fixture(scope="session")
 def auto_reference(smollm2_dir, logs_dir):
     """`--kv-cache-dtype auto` greedy outputs, teacher-forced log-probs and log, from one server."""
@@ -116,6 +141,7 @@ def auto_reference(smollm2_dir, logs_dir):
         return {
             "greedy": {p: greedy(server, p) for p in PROMPTS},
             "logprobs": text_logprobs(server),
+            "decode_vs_prefill": decode_vs_prefill(server),
             "log": server.log(),
         }
     finally:
