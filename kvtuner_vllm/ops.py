@@ -58,7 +58,7 @@ def quantize_and_cache(
     ring_block_ids: torch.Tensor | None = None,
 ) -> None:
     """Quantize key/value [T, H_kv, D] into kv_cache uint8[B, H_kv, N, C] at slot_mapping
-    (format.quantize_and_cache_ref); kivi keys also read the sequences' rings."""
+    (reference.quantize_and_cache_ref); kivi keys also read the sequences' rings."""
     load_kernels()
     torch.ops.kvtuner.quantize_and_cache(
         key, value, kv_cache, slot_mapping, ring_cache, ring_block_ids, query_start_loc, seq_lens,
@@ -85,7 +85,7 @@ def paged_attention(
     workspace: torch.Tensor | None = None,
 ) -> None:
     """Varlen causal attention of query [T, H_q, D] into out [T, H_q, D] over the packed cache, the
-    rings and the step's own key/value [T, H_kv, D] (format.paged_attention_ref is the definition)."""
+    rings and the step's own key/value [T, H_kv, D] (reference.paged_attention_ref is the definition)."""
     load_kernels()
     torch.ops.kvtuner.paged_attention(
         out, query, key, value, kv_cache, ring_cache, ring_block_ids, block_table, seq_lens, query_start_loc,
@@ -103,7 +103,7 @@ def write_window(
     seq_lens: torch.Tensor,
     fmt: LayerFormat,
 ) -> None:
-    """After attention: each sequence's last min(R, rows) positions into its ring (format.write_window_ref)."""
+    """After attention: each sequence's last min(R, rows) positions into its ring (reference.write_window_ref)."""
     load_kernels()
     torch.ops.kvtuner.write_window(key, value, ring_cache, ring_block_ids, query_start_loc, seq_lens, fmt.window)
 

@@ -1,5 +1,5 @@
 // paged_attention on the CPU, torch-free: a plan of work items over the batch, the vector
-// kernel that runs an item, and the merge of split-key partitions. format.paged_attention_ref
+// kernel that runs an item, and the merge of split-key partitions. reference.paged_attention_ref
 // is the definition: the query at position p reads key/value j < w0(p) from the packed pages
 // and j >= w0(p) in the model dtype, from the ring (earlier steps) or the step's own rows.
 #pragma once

@@ -1,6 +1,6 @@
 // The decode kernel on AMX (attention_isa.h: run_work_item_amx): short-query items of bfloat16
 // models whose keys and values are both packed (per-token groups or kivi keys), with the exact v2
-// semantics of format.paged_attention_ref. The vector kernel dequantizes every key and value to
+// semantics of reference.paged_attention_ref. The vector kernel dequantizes every key and value to
 // fp32 and spends its time on that and on per-row dot products; here the codes themselves are the
 // matrix operands, and the scales and zeros move to the side that is small:
 //

@@ -11,7 +11,7 @@ namespace {
 
 KVT_INLINE void store_u16(uint8_t* p, uint16_t v) { std::memcpy(p, &v, 2); }
 
-// format.quantize's scale and zero of a group with range [lo, hi], as stored (fp16 bits) and as
+// reference.quantize's scale and zero of a group with range [lo, hi], as stored (fp16 bits) and as
 // used for the codes (their fp32 values; inv = 0 for a constant group, whose codes are all 0).
 struct GroupScale {
   uint16_t scale_h, zero_h;
@@ -30,7 +30,7 @@ KVT_INLINE GroupScale group_scale(float lo, float hi) {
   return g;
 }
 
-// format.quantize's code of x: round half to even (the default rounding mode), clamped.
+// reference.quantize's code of x: round half to even (the default rounding mode), clamped.
 template <int kBits>
 KVT_INLINE uint8_t code_of(float x, float zero, float inv) {
   constexpr float kQMax = float((1 << kBits) - 1);
@@ -99,7 +99,7 @@ KVT_INLINE void encode_head(const void* src, ElemType type, int bits, int head_s
 }
 
 // A kivi key group x[G_t][D] (fp32) -> codes of its G_t rows and one (scale, zero) pair per
-// channel, each channel quantized over the group's positions (format.quantize_channels).
+// channel, each channel quantized over the group's positions (reference.quantize_channels).
 template <int kBits>
 KVT_INLINE void quantize_channels(const float* __restrict x, int tokens, int head_size, uint8_t* __restrict codes,
                                   uint8_t* __restrict params, float* __restrict lo, float* __restrict hi,

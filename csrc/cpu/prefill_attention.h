@@ -1,6 +1,6 @@
 // Prefill attention on the CPU's matrix units: the sequences of a step with many query rows
 // (prefill, chunked prefill) computed as tiles of Q.K^T and P.V on AMX (or AVX512-BF16
-// dot products), with the exact v2 semantics of format.paged_attention_ref: keys and values
+// dot products), with the exact v2 semantics of reference.paged_attention_ref: keys and values
 // older than the full-precision window come from the packed pages, dequantized tile by tile
 // into a small workspace; the window (the ring and the step's own rows) is read in the model
 // dtype; both are merged by one online softmax. Free of torch headers.
