@@ -99,7 +99,8 @@ UNQUANTIZED_BITS = 16
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
 SUPPORTED_KEY_GROUP_SIZES = (16, 32, 64, 128)  # kivi: token positions per key group
 MAX_RESIDUAL_LENGTH = 256
-SUPPORTED_HEAD_SIZES = (64, 80, 96, 128, 256)
+SUPPORTED_HEAD_SIZES = (64, 80, 96, 128, 256)  # the CUDA attention's; the CPU takes any multiple of 16 up to 256
+HEAD_SIZE_MULTIPLE = 16
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 FP16_MAX = 65504.0
 PARAM_BYTES_PER_GROUP = 4  # fp16 scale + fp16 zero
@@ -115,8 +116,10 @@ def check_bits(bits: int) -> None:
 
 def check_group_size(group_size: int, head_size: int) -> None:
     """A group is G consecutive channels; G must tile the head exactly."""
-    if head_size % 16:
-        raise ValueError(f"head size {head_size} is not a multiple of 16, which the packed format needs")
+    if head_size % HEAD_SIZE_MULTIPLE:
+        raise ValueError(
+            f"head size {head_size} is not a multiple of {HEAD_SIZE_MULTIPLE}, which the packed format needs"
+        )
     if group_size != head_size and group_size not in SUPPORTED_GROUP_SIZES:
         raise ValueError(
             f"unsupported group size {group_size}: use one of {SUPPORTED_GROUP_SIZES} "

@@ -14,18 +14,6 @@ namespace kvtuner::cpu {
 
 using ::kvtuner::AttentionParams;
 
-// The rows of one sequence in this step: rows [first_row, first_row + rows) of query/key/value
-// at positions first_position .. first_position + rows - 1.
-struct SequenceRows {
-  int first_row, rows, first_position;
-};
-
-inline SequenceRows sequence_rows(const AttentionParams& p, int seq) {
-  const int first_row = p.seqs.query_start_loc[seq];
-  const int rows = p.seqs.query_start_loc[seq + 1] - first_row;
-  return {first_row, rows, p.seqs.seq_lens[seq] - rows};
-}
-
 // One unit of parallel work: query tokens [query_begin, query_begin + query_count) of one
 // sequence (indices among its rows), all the query heads of one KV head, over key positions
 // [key_begin, key_end). An item whose key range is one partition of a longer range writes a

@@ -175,9 +175,7 @@ KVT_HOT void write_kivi_groups(const CacheWriteParams& p, int seq, int kv_head) 
   const int elem = elem_size(p.dtype);
   const int group = p.format.key_group_size, head_size = p.head_size;
   const PlaneLayout layout(p.format, head_size, elem, p.block_size);
-  const int start = p.seqs.query_start_loc[seq];
-  const int rows = p.seqs.query_start_loc[seq + 1] - start;
-  const int first = p.seqs.seq_lens[seq] - rows;
+  const auto [start, rows, first] = sequence_rows(p.seqs, seq);
   const int64_t ring_offset = int64_t(p.ring.block_ids[seq]) * p.ring.stride_block + kv_head * p.ring.stride_head;
   const KeyRows source{static_cast<const char*>(p.key) + (start * p.key_stride_token + kv_head * p.key_stride_head) * elem,
                        p.key_stride_token * elem, static_cast<const char*>(p.ring.ring) + ring_offset * elem,
@@ -209,9 +207,7 @@ KVT_HOT void write_kivi_groups(const CacheWriteParams& p, int seq, int kv_head) 
 void write_window_sequence(const WindowWriteParams& p, int seq) {
   const int elem = elem_size(p.dtype);
   const int window = p.residual_length;
-  const int first_row = p.seqs.query_start_loc[seq];
-  const int rows = p.seqs.query_start_loc[seq + 1] - first_row;
-  const int first_position = p.seqs.seq_lens[seq] - rows;
+  const auto [first_row, rows, first_position] = sequence_rows(p.seqs, seq);
   const int kept = std::min(rows, window);
   const size_t row_bytes = size_t(p.head_size) * elem;
   char* ring = static_cast<char*>(p.ring.ring) + int64_t(p.ring.block_ids[seq]) * p.ring.stride_block * elem;

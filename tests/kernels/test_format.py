@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from kvtuner_vllm import format as kvformat
+from kvtuner_vllm import ops
 from kvtuner_vllm import reference as kvref
 
 QUANT_BITS = (2, 4, 8)
@@ -211,3 +212,21 @@ def test_reference_steps_match_simulated_attention(window, key_group_size):
     expected = kvref.simulated_attention(query.transpose(0, 1)[None], key.transpose(0, 1)[None],
                                             value.transpose(0, 1)[None], fmt, block_size, 0.125)[0].transpose(0, 1)
     torch.testing.assert_close(torch.cat(out), expected, atol=2e-5, rtol=2e-5)
+
+
+def test_format_py_agrees_with_the_kernels_constants():
+    """csrc/packed_format.h is the kernels' one source of these numbers; format.py states them for
+    Python: the two must say the same."""
+    kernels = ops.format_constants()
+    assert kernels["supported_bits"] == kvformat.SUPPORTED_BITS
+    assert kernels["unquantized_bits"] == (kvformat.UNQUANTIZED_BITS,)
+    assert kernels["supported_group_sizes"] == kvformat.SUPPORTED_GROUP_SIZES
+    assert kernels["supported_key_group_sizes"] == kvformat.SUPPORTED_KEY_GROUP_SIZES
+    assert kernels["supported_head_sizes"] == kvformat.SUPPORTED_HEAD_SIZES
+    assert kernels["head_size_multiple"] == (kvformat.HEAD_SIZE_MULTIPLE,)
+    assert kernels["max_head_size"] == (max(kvformat.SUPPORTED_HEAD_SIZES),)
+    assert kernels["max_residual_length"] == (kvformat.MAX_RESIDUAL_LENGTH,)
+    assert kernels["param_bytes_per_group"] == (kvformat.PARAM_BYTES_PER_GROUP,)
+    assert kernels["fp16_max"] == (int(kvformat.FP16_MAX),)
+    assert {name for name in kernels if name.startswith("cuda_")} == {
+        "cuda_decode_rows", "cuda_decode_max_query", "cuda_split_target_blocks", "cuda_max_partitions"}
