@@ -4,9 +4,9 @@
 
 #include <vector>
 
-#include "cpu/attention_isa.h"
-#include "cpu/prefill_attention.h"
-#include "cpu/simd.h"
+#include "cpu/common/matrix_unit.h"
+#include "cpu/common/simd.h"
+#include "cpu/vector/attention_isa.h"
 
 namespace kvtuner::cpu {
 namespace {

@@ -4,7 +4,7 @@
 #include <cmath>
 #include <vector>
 
-#include "cpu/simd_isa.h"
+#include "cpu/common/simd_isa.h"
 
 namespace kvtuner::cpu {
 namespace {

@@ -5,12 +5,12 @@
 // full-precision window) and every query row that sees part of a chunk updates its online
 // softmax with them.
 //
-// Include order in a unit: attention_isa.h and cpu/simd.h (every standard header the kernel
+// Include order in a unit: attention_isa.h and cpu/common/simd.h (every standard header the kernel
 // uses, compiled for the default target), then the pragma, then this file.
 #pragma once
 
-#include "cpu/attention_isa.h"
-#include "cpu/simd_isa.h"
+#include "cpu/vector/attention_isa.h"
+#include "cpu/common/simd_isa.h"
 #include "packed_format.h"
 
 namespace kvtuner::cpu {

@@ -19,7 +19,7 @@
 #include <cstdint>
 #include <cstring>
 
-#include "cpu/prefill_matmul.h"
+#include "cpu/prefill/prefill_matmul.h"
 
 namespace kvtuner::cpu::prefill {
 

@@ -8,7 +8,7 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "cpu/attention.h"
+#include "cpu/common/work_plan.h"
 
 namespace kvtuner::cpu {
 
@@ -46,10 +46,10 @@ struct ItemScratch {
   float *channel_scale, *channel_zero;       // [D]: kivi params of one token group, tile order
   float* row;                                // [2D]: one row in channel order
   const int *key_order, *value_order;        // [D]: tile position of each channel
-  uint8_t* matrix;                           // kDecodeWorkspaceBytes, 64-byte aligned: attention_amx.cpp's
+  uint8_t* matrix;                           // kDecodeWorkspaceBytes, 64-byte aligned: amx/decode_attention.cpp's
 };
 
-// The AMX decode kernel (attention_amx.cpp): query rows per item it takes at most, and its
+// The AMX decode kernel (amx/decode_attention.cpp): query rows per item it takes at most, and its
 // workspace per thread.
 constexpr int kMaxDecodeRows = 16;
 constexpr size_t kDecodeWorkspaceBytes = size_t(256) << 10;

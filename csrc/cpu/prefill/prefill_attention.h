@@ -17,15 +17,11 @@
 #include <memory>
 #include <vector>
 
-#include "cpu/attention.h"
-#include "cpu/dispatch_env.h"
+#include "cpu/common/dispatch_env.h"
+#include "cpu/common/work_plan.h"
 #include "kernel_params.h"
 
 namespace kvtuner::cpu {
-
-// The best unit this CPU and OS offer (AMX needs the kernel's permission for tile data,
-// requested once).
-MatrixUnit detected_matrix_unit();
 
 // Query rows (query tokens x query heads of one KV head) from which a sequence is routed here:
 // prefill and chunks, where this kernel is 3-7x faster than the vector kernel; decodes and
