@@ -24,9 +24,10 @@
 namespace kvtuner::cpu {
 
 // Query rows (query tokens x query heads of one KV head) from which a sequence is routed here:
-// prefill and chunks, where this kernel is 3-7x faster than the vector kernel; decodes and
-// short speculative steps stay there (measured against the vector kernel of this commit, this
-// kernel is also 1.4-2.6x faster from 3 to 12 rows: a threshold to revisit with its decode path).
+// prefill and chunks, where the matrix products pay for their tiling; decodes and short
+// speculative steps stay with the vector kernel (and the AMX decode kernel). The threshold is
+// conservative: this kernel also wins on a few rows (python -m benchmarks.kernels.attention_steps
+// compares the routes), so it is to revisit together with a decode path of its own.
 constexpr int kMinPrefillRows = 16;
 
 // One unit of parallel work: query tokens [query_begin, query_begin + query_count) of one

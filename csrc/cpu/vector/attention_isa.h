@@ -30,8 +30,8 @@ inline int tile_position(int bits, int head_size, int c) {
   return base + (w % per_byte) * run_bytes + w / per_byte;
 }
 
-// Keys per chunk: a K and a V tile of chunk x D floats stay in L1.
-// (16 to 64 keys measure alike for D = 64; 128 spills out of L1.)
+// Keys per chunk: about 2048 / D, so that a K and a V tile of chunk x D floats stay in L1
+// together with the rows they update.
 inline int chunk_tokens(int head_size) { return std::clamp(2048 / head_size, 16, 64); }
 
 // Per-thread working memory of one item (sizes for `rows` query rows, head size D, `chunk` keys).
