@@ -34,7 +34,7 @@ def cuda_arch_flags() -> list[str]:
 
 
 def extension():
-    sources = ["csrc/torch_bindings.cpp", *sorted(glob("csrc/cpu/*.cpp"))]
+    sources = ["csrc/torch_bindings.cpp", *sorted(glob("csrc/cpu/**/*.cpp", recursive=True))]
     define_macros = [("KVTUNER_TORCH_VERSION", f'"{torch.__version__}"')]
     cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
     include_dirs = [os.path.abspath("csrc")]

@@ -25,9 +25,9 @@ from calibration.sensitivity import Surrogate  # noqa: E402
 from kvtuner_vllm.precision_map import compact_ranges  # noqa: E402
 
 METHOD = ("kvtuner-calibrate: surrogate (attention error x per-layer KL scale) -> exact front by dynamic programming "
-          "-> NSGA-II (pymoo) on real forward passes (format.simulated_attention in every layer) on calibration text "
-          "-> lowest KL on selection text among the front and the uniform maps within the budget -> scores on report "
-          "text (three disjoint ranges of the text)")
+          "-> NSGA-II (pymoo) on real forward passes (reference.simulated_attention in every layer) on calibration "
+          "text -> lowest KL on selection text among the front and the uniform maps within the budget -> scores on "
+          "report text (three disjoint ranges of the text)")
 
 
 @dataclass
@@ -388,7 +388,7 @@ def markdown(result: Result) -> str:
 - Time: {wall:.0f} s wall, {cpu:.0f} s CPU, {result.threads} torch thread(s).
 
 Every score runs the whole model with every layer's attention replaced by
-`kvtuner_vllm.format.simulated_attention` (what the server computes, prefill included), against
+`kvtuner_vllm.reference.simulated_attention` (what the server computes, prefill included), against
 the same model unquantized. KL: mean next-token KL(unquantized || map) in nats.
 
 ## Results on the report text

@@ -4,7 +4,7 @@ measurements, so that the exact front (dp) can seed the real search.
     predicted KL(layer l, pair p, option f) = a_l * (e_K(l, p.key_bits, f)^2 + e_V(l, p.value_bits, f)^2)
 
 - e_K, e_V: relative attention-output error of layer l when only its keys (only its values) are
-  stored as option f says, with the served attention (format.simulated_attention: window, kivi
+  stored as option f says, with the served attention (reference.simulated_attention: window, kivi
   groups) on the captured reference Q/K/V. K and V errors are independent, so their squares add.
   Keys depend on (scheme, group or key group, window), values on (group, window): measuring the
   two sides apart costs |key configs| + |value configs| runs per bit width, not their product.
@@ -28,6 +28,7 @@ from calibration.capture import LayerQKV, Replay
 from calibration.common import SEARCH_PAIRS, FormatOption, pair
 from calibration.evaluate import Reference
 from kvtuner_vllm import format as kvformat
+from kvtuner_vllm import reference as kvref
 
 QUANTIZED_BITS = (2, 4, 8)
 REFERENCE_PAIR = pair(4, 4)
@@ -78,13 +79,13 @@ class Surrogate:
 
 
 def served_rows(qkv: LayerQKV, fmt: kvformat.LayerFormat, block_size: int, positions: torch.Tensor) -> torch.Tensor:
-    """The rows of format.simulated_attention at query `positions` only (the same rule, format.mixed_attention,
+    """The rows of reference.simulated_attention at query `positions` only (the same rule, reference.mixed_attention,
     over the whole key range): [windows, q_heads, len(positions), head_dim] float32."""
     kvformat.check_block_size(fmt, block_size)
-    key_hat = kvformat.fake_quantize_keys(qkv.key, fmt)
-    value_hat = kvformat.fake_quantize(qkv.value, fmt.value_bits, fmt.group_size)
+    key_hat = kvref.fake_quantize_keys(qkv.key, fmt)
+    value_hat = kvref.fake_quantize(qkv.value, fmt.value_bits, fmt.group_size)
     return torch.stack([
-        kvformat.mixed_attention(q[:, positions], k, v, kh, vh, positions, block_size, fmt.window, qkv.scaling)
+        kvref.mixed_attention(q[:, positions], k, v, kh, vh, positions, block_size, fmt.window, qkv.scaling)
         for q, k, v, kh, vh in zip(qkv.query, qkv.key, qkv.value, key_hat, value_hat)
     ])
 

@@ -1,5 +1,5 @@
 """Running a Hugging Face model with the served KV cache: every layer's attention is
-`kvtuner_vllm.format.simulated_attention`, the format's own definition of what the server
+`kvtuner_vllm.reference.simulated_attention`, the format's own definition of what the server
 computes for whole sequences (window rule, kivi key groups, block size), prefill included.
 
 How: transformers routes every Llama/Qwen2/Qwen3/Mistral attention through
@@ -26,6 +26,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from calibration.errors import CalibrationError
 from kvtuner_vllm import format as kvformat
+from kvtuner_vllm import reference as kvref
 
 KVTUNER_ATTENTION = "kvtuner_simulated"
 FORMAT_ATTR = "_kvtuner_format"  # (LayerFormat, block_size) of the layer, or absent
@@ -46,7 +47,7 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     fmt, block_size = served
     _check_window(module, key.shape[-2])
     softcap = getattr(module.config, "attn_logit_softcapping", None)
-    out = kvformat.simulated_attention(query, key, value, fmt, block_size, scaling, softcap)
+    out = kvref.simulated_attention(query, key, value, fmt, block_size, scaling, softcap)
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
 

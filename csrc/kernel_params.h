@@ -17,6 +17,18 @@ struct SequenceArgs {
   int num_seqs;
 };
 
+// One sequence of the step, for CPU and CUDA alike: its rows [start, start + rows) of
+// query/key/value sit at positions first .. first + rows - 1.
+struct SequenceRows {
+  int start, rows, first;
+};
+
+KVT_HOST_DEVICE SequenceRows sequence_rows(const SequenceArgs& seqs, int seq) {
+  const int start = seqs.query_start_loc[seq];
+  const int rows = seqs.query_start_loc[seq + 1] - start;
+  return SequenceRows{start, rows, seqs.seq_lens[seq] - rows};
+}
+
 // The per-request rings of the full-precision window: ring block ring_block_ids[s] holds, per
 // KV head, K rows [R][D] then V rows [R][D] in the model dtype (format.py); null without a window.
 struct RingArgs {

@@ -23,7 +23,7 @@ inline ElemType elem_type(const at::Tensor& t, const char* name) {
 }
 
 inline void check_bits(int64_t bits, const char* name) {
-  TORCH_CHECK(bits == 2 || bits == 4 || bits == 8 || bits == 16, name, " must be 2, 4, 8 or 16, got ", bits);
+  TORCH_CHECK(one_of(bits, kSupportedBits), name, " must be 2, 4, 8 or 16, got ", bits);
 }
 
 // The rules of kvtuner_vllm/format.py (LayerFormat, check_block_size), which the kernels rely on.
@@ -31,15 +31,13 @@ inline FormatArgs check_format(int64_t head_size, int64_t block_size, int64_t ke
                                int64_t group_size, int64_t key_group_size, int64_t residual_length) {
   check_bits(key_bits, "key_bits");
   check_bits(value_bits, "value_bits");
-  TORCH_CHECK(head_size % 16 == 0 && head_size > 0 && head_size <= 256,
+  TORCH_CHECK(head_size % kHeadSizeMultiple == 0 && head_size > 0 && head_size <= kMaxHeadSize,
               "head size must be a multiple of 16 and at most 256, got ", head_size);
-  TORCH_CHECK(group_size == head_size ||
-                  ((group_size == 32 || group_size == 64 || group_size == 128) && head_size % group_size == 0),
+  TORCH_CHECK(group_size == head_size || (one_of(group_size, kSupportedGroupSizes) && head_size % group_size == 0),
               "group_size ", group_size, " must divide the head size ", head_size, " (32, 64, 128 or the head size)");
   TORCH_CHECK(residual_length >= 0 && residual_length <= block_size, "residual_length ", residual_length,
               " must lie in [0, block_size = ", block_size, "]");
-  TORCH_CHECK(key_group_size == 0 || ((key_group_size == 16 || key_group_size == 32 || key_group_size == 64 ||
-                                       key_group_size == 128) &&
+  TORCH_CHECK(key_group_size == 0 || (one_of(key_group_size, kSupportedKeyGroupSizes) &&
                                       block_size % key_group_size == 0 && residual_length >= key_group_size),
               "key_group_size ", key_group_size, " must be 0 (per-token keys) or 16, 32, 64 or 128 dividing the ",
               "block size ", block_size, " and at most residual_length ", residual_length);

@@ -1,7 +1,11 @@
-// Byte sizes and offsets of the packed KV format (kvtuner_vllm/format.py is the
-// definition; this header mirrors it for the kernels). Torch-free: CPU and CUDA use it.
+// Byte sizes, offsets and the allowed values of the packed KV format (kvtuner_vllm/format.py
+// is the definition in words). The one C++ source of the format's constants: the launchers'
+// checks (launcher_args.h) and the CUDA kernels read them here, and the extension exports them
+// (torch.ops.kvtuner.format_constants) so that a test holds format.py to the same numbers.
+// Torch-free: CPU and CUDA use it.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #if defined(__CUDACC__)
@@ -17,6 +21,23 @@ enum class ElemType : int { kFloat32, kFloat16, kBFloat16 };
 constexpr int kUnquantizedBits = 16;
 constexpr int kParamBytesPerGroup = 4;  // fp16 scale, fp16 zero
 constexpr float kFp16Max = 65504.0f;
+
+// The values a layer's format may take (format.py SUPPORTED_*, MAX_RESIDUAL_LENGTH).
+constexpr int kSupportedBits[] = {2, 4, 8, 16};
+constexpr int kSupportedGroupSizes[] = {32, 64, 128};         // channels per group, or the head size
+constexpr int kSupportedKeyGroupSizes[] = {16, 32, 64, 128};  // kivi: token positions per key group
+constexpr int kSupportedHeadSizes[] = {64, 80, 96, 128, 256};  // what the CUDA attention is built for
+constexpr int kHeadSizeMultiple = 16;  // the CPU kernels take any multiple of this up to kMaxHeadSize
+constexpr int kMaxHeadSize = 256;
+constexpr int kMaxResidualLength = 256;
+
+template <std::size_t N>
+constexpr bool one_of(int64_t value, const int (&allowed)[N]) {
+  for (const int a : allowed) {
+    if (value == a) return true;
+  }
+  return false;
+}
 
 // Bytes of one token's codes for one head; 16 bits stores the model dtype as is.
 KVT_HOST_DEVICE int64_t code_bytes(int bits, int head_size, int elem_size) {

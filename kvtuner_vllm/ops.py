@@ -4,7 +4,7 @@ The compiled extension `kvtuner_vllm._C` is imported (and the fakes registered) 
 first call or by `load_kernels()`, not at import time, so importing this module is cheap
 and works before the extension is built; a missing or stale build raises
 `KernelsNotBuiltError` with the command that fixes it. Every op writes in place (the cache,
-the ring, the output) and returns nothing; format.py holds the reference of each.
+the ring, the output) and returns nothing; reference.py holds the reference of each.
 
 A step of one layer runs, in order: `quantize_and_cache` (packed pages), `paged_attention`,
 then `write_window` (the ring, for the next steps).
@@ -58,7 +58,7 @@ def quantize_and_cache(
     ring_block_ids: torch.Tensor | None = None,
 ) -> None:
     """Quantize key/value [T, H_kv, D] into kv_cache uint8[B, H_kv, N, C] at slot_mapping
-    (format.quantize_and_cache_ref); kivi keys also read the sequences' rings."""
+    (reference.quantize_and_cache_ref); kivi keys also read the sequences' rings."""
     load_kernels()
     torch.ops.kvtuner.quantize_and_cache(
         key, value, kv_cache, slot_mapping, ring_cache, ring_block_ids, query_start_loc, seq_lens,
@@ -85,7 +85,7 @@ def paged_attention(
     workspace: torch.Tensor | None = None,
 ) -> None:
     """Varlen causal attention of query [T, H_q, D] into out [T, H_q, D] over the packed cache, the
-    rings and the step's own key/value [T, H_kv, D] (format.paged_attention_ref is the definition)."""
+    rings and the step's own key/value [T, H_kv, D] (reference.paged_attention_ref is the definition)."""
     load_kernels()
     torch.ops.kvtuner.paged_attention(
         out, query, key, value, kv_cache, ring_cache, ring_block_ids, block_table, seq_lens, query_start_loc,
@@ -103,7 +103,7 @@ def write_window(
     seq_lens: torch.Tensor,
     fmt: LayerFormat,
 ) -> None:
-    """After attention: each sequence's last min(R, rows) positions into its ring (format.write_window_ref)."""
+    """After attention: each sequence's last min(R, rows) positions into its ring (reference.write_window_ref)."""
     load_kernels()
     torch.ops.kvtuner.write_window(key, value, ring_cache, ring_block_ids, query_start_loc, seq_lens, fmt.window)
 
@@ -136,14 +136,11 @@ def reset_cpu_routes() -> None:
     torch.ops.kvtuner.reset_cpu_route_counts()
 
 
-# The CUDA paged_attention's work split (csrc/cuda/kernels/api.h; plan_attention in
-# csrc/cuda/paged_attention.cu): decode tiles of 8 (query token, query head) rows for sequences
-# of up to 16 query tokens, their contexts split into partitions until the decode grid has about
-# 1024 blocks (at most 128 partitions); each (tile row, partition) leaves head_size + 2 floats.
-_CUDA_DECODE_ROWS = 8
-_CUDA_DECODE_MAX_QUERY = 16
-_CUDA_SPLIT_TARGET_BLOCKS = 1024
-_CUDA_MAX_PARTITIONS = 128
+def format_constants() -> dict[str, tuple[int, ...]]:
+    """The format's constants as the kernels hold them (csrc/packed_format.h, the CUDA work split
+    in csrc/cuda/kernels/work_split.h), each a tuple; tests hold format.py to them."""
+    load_kernels()
+    return {name: tuple(values) for name, values in torch.ops.kvtuner.format_constants().items()}
 
 
 def attention_workspace_size(
@@ -151,27 +148,18 @@ def attention_workspace_size(
 ) -> int:
     """Bytes of scratch the CUDA `paged_attention` needs for a batch of `num_seqs` sequences whose
     queries are at most `max_query_len` tokens (the split's partial results; 0: no split). A
-    `workspace` of at least this size is used as is; without one, the op allocates it."""
-    if num_seqs <= 0 or max_query_len <= 0:
-        return 0
-    group = num_q_heads // num_kv_heads
-    tiles = -(-min(max_query_len, _CUDA_DECODE_MAX_QUERY) * group // _CUDA_DECODE_ROWS)
-    blocks = num_seqs * tiles * num_kv_heads
-    if blocks >= _CUDA_SPLIT_TARGET_BLOCKS:
-        return 0
-    partitions = min(-(-_CUDA_SPLIT_TARGET_BLOCKS // blocks), _CUDA_MAX_PARTITIONS)
-    return blocks * _CUDA_DECODE_ROWS * partitions * (head_size + 2) * 4
+    `workspace` of at least this size is used as is; without one, the op allocates it. Computed by
+    the CUDA launcher's own plan (exported by every build, CPU-only ones included)."""
+    load_kernels()
+    return torch.ops.kvtuner.attention_workspace_size(num_seqs, max_query_len, num_q_heads, num_kv_heads, head_size)
 
 
 def max_attention_workspace_size(num_q_heads: int, num_kv_heads: int, head_size: int) -> int:
     """The largest `attention_workspace_size` over all batches (a few MiB): what to reserve once,
     e.g. from vLLM's workspace manager, so that every batch, CUDA-graph replays included, can
     pass the same `workspace`."""
-    return max(
-        attention_workspace_size(num_seqs, query_len, num_q_heads, num_kv_heads, head_size)
-        for query_len in range(1, _CUDA_DECODE_MAX_QUERY + 1)
-        for num_seqs in range(1, _CUDA_SPLIT_TARGET_BLOCKS + 1)
-    )
+    load_kernels()
+    return torch.ops.kvtuner.max_attention_workspace_size(num_q_heads, num_kv_heads, head_size)
 
 
 def _register_fakes() -> None:

@@ -39,7 +39,7 @@ def markdown(rows: list[dict], unquantized: dict, model: str) -> str:
     base = unquantized["report"]["ppl"]
     lines = [f"# Uniform maps under every format option: {model}", "",
              "Scored like `kvtuner-calibrate` scores maps: every layer's attention is "
-             "`kvtuner_vllm.format.simulated_attention`, float32 forward passes, block size 128, 1024 calibration "
+             "`kvtuner_vllm.reference.simulated_attention`, float32 forward passes, block size 128, 1024 calibration "
              "tokens (the first 60% of `pydoc_data.topics`) and 2048 report tokens (its last 20%); KL to the "
              "unquantized model in nats. Predicted: the calibration's surrogate. Unquantized report PPL "
              f"{base:.3f}.", "",

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from benchmarks.common import RESULTS_DIR, machine_info
 from kvtuner_vllm import format as kvformat
 from kvtuner_vllm import ops
+from kvtuner_vllm import reference as kvref
 
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_SIZE, GROUP_SIZE = 32, 8, 128, 64
 DTYPE = torch.bfloat16
@@ -165,7 +166,7 @@ class PackedDecode:
         self.workspace = torch.empty(size, dtype=torch.uint8, device=device)
         self.context, self.batch, self.reference = context, batch, reference
         # The query at context - 1 reads positions below w0 packed, the rest (ring, own row) in bf16.
-        packed = int(kvformat.window_start(torch.tensor(context - 1), block_size, fmt.window))
+        packed = int(kvref.window_start(torch.tensor(context - 1), block_size, fmt.window))
         self.bytes = batch * NUM_KV_HEADS * (packed * fmt.bytes_per_token +
                                              (context - packed) * 2 * HEAD_SIZE * DTYPE.itemsize)
 
@@ -185,7 +186,7 @@ class PackedDecode:
 
     def _call(self, table) -> None:
         if self.reference:  # dry run: the format.py reference stands in for the kernels
-            self.out.copy_(kvformat.paged_attention_ref(self.query, self.key, self.value, self.cache, table,
+            self.out.copy_(kvref.paged_attention_ref(self.query, self.key, self.value, self.cache, table,
                                                         self.seq_lens, self.query_start_loc, HEAD_SIZE**-0.5,
                                                         self.fmt, self.ring, self.ring_ids))
             return

@@ -4,15 +4,14 @@
 
 #include <vector>
 
-#include "cpu/attention_isa.h"
-#include "cpu/prefill_attention.h"
-#include "cpu/simd.h"
+#include "cpu/common/matrix_unit.h"
+#include "cpu/common/simd.h"
+#include "cpu/vector/attention_isa.h"
 
 namespace kvtuner::cpu {
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-constexpr int kMaxHeadSize = 256;
 constexpr int kMaxRowsPerItem = 32;  // query rows (tokens x heads of a GQA group) of a short-query item
 constexpr int kMinPartitionTokens = 256;
 
@@ -149,12 +148,12 @@ AttentionPlan plan_attention(const AttentionParams& p, int num_threads) {
   std::vector<Tile> tiles;
   int64_t total_cost = 0;
   for (int seq = 0; seq < p.seqs.num_seqs; ++seq) {
-    const SequenceRows rows = sequence_rows(p, seq);
+    const SequenceRows rows = sequence_rows(p.seqs, seq);
     const bool long_query = rows.rows >= kLongQueryTokens;
     const int tile_tokens = long_query ? kLongQueryTileTokens : std::max(1, kMaxRowsPerItem / heads_per_kv);
     for (int q = 0; q < rows.rows; q += tile_tokens) {
       const int count = std::min(tile_tokens, rows.rows - q);
-      const int key_end = rows.first_position + q + count;  // one past the tile's last position
+      const int key_end = rows.first + q + count;  // one past the tile's last position
       const int64_t cost = int64_t(count) * heads_per_kv * (key_end - count / 2) + 64;
       tiles.push_back({seq, q, count, key_end, cost, long_query});
       total_cost += cost * p.num_kv_heads;
@@ -217,7 +216,7 @@ KVT_HOT void reduce_partitions(const AttentionParams& p, const ReduceItem& item,
   const int heads_per_kv = p.num_q_heads / p.num_kv_heads;
   const int rows = item.query_count * heads_per_kv;
   const int elem = elem_size(p.dtype);
-  const SequenceRows seq = sequence_rows(p, item.seq);
+  const SequenceRows seq = sequence_rows(p.seqs, item.seq);
   const int64_t slot_floats = head_size + 2;
   char* out = static_cast<char*>(p.out);
   float merged[kMaxHeadSize];
@@ -235,7 +234,7 @@ KVT_HOT void reduce_partitions(const AttentionParams& p, const ReduceItem& item,
       total += weight * slot[1];
       for (int d = 0; d < head_size; ++d) merged[d] += weight * slot[2 + d];
     }
-    const int token = seq.first_row + item.query_begin + r / heads_per_kv;
+    const int token = seq.start + item.query_begin + r / heads_per_kv;
     const int head = item.kv_head * heads_per_kv + r % heads_per_kv;
     store_row(merged, total > 0.0f ? 1.0f / total : 0.0f, p.dtype, head_size,
               out + (token * p.out_stride_token + head * p.out_stride_head) * elem);

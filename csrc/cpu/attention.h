@@ -1,5 +1,5 @@
 // paged_attention on the CPU, torch-free: a plan of work items over the batch, the vector
-// kernel that runs an item, and the merge of split-key partitions. format.paged_attention_ref
+// kernel that runs an item, and the merge of split-key partitions. reference.paged_attention_ref
 // is the definition: the query at position p reads key/value j < w0(p) from the packed pages
 // and j >= w0(p) in the model dtype, from the ring (earlier steps) or the step's own rows.
 #pragma once
@@ -7,56 +7,11 @@
 #include <cstdint>
 #include <vector>
 
-#include "cpu/dispatch_env.h"
+#include "cpu/common/dispatch_env.h"
+#include "cpu/common/work_plan.h"
 #include "kernel_params.h"
 
 namespace kvtuner::cpu {
-
-using ::kvtuner::AttentionParams;
-
-// The rows of one sequence in this step: rows [first_row, first_row + rows) of query/key/value
-// at positions first_position .. first_position + rows - 1.
-struct SequenceRows {
-  int first_row, rows, first_position;
-};
-
-inline SequenceRows sequence_rows(const AttentionParams& p, int seq) {
-  const int first_row = p.seqs.query_start_loc[seq];
-  const int rows = p.seqs.query_start_loc[seq + 1] - first_row;
-  return {first_row, rows, p.seqs.seq_lens[seq] - rows};
-}
-
-// One unit of parallel work: query tokens [query_begin, query_begin + query_count) of one
-// sequence (indices among its rows), all the query heads of one KV head, over key positions
-// [key_begin, key_end). An item whose key range is one partition of a longer range writes a
-// partial result (running max, sum and unscaled accumulator per query row, in that order:
-// head_size + 2 floats) that `reduce_partitions` merges.
-struct WorkItem {
-  int seq, kv_head, query_begin, query_count;
-  int key_begin, key_end;
-  int64_t partial_offset;  // first partial row (query rows token-major, heads minor); -1: write out
-  int64_t cost;            // rough work, for scheduling the largest items first
-  bool long_query;         // a tile of kLongQueryTileTokens tokens of a long query chunk (keys never split)
-};
-
-// Items whose partitions must be merged: `num_partitions` consecutive partial slots.
-struct ReduceItem {
-  int seq, kv_head, query_begin, query_count, num_partitions;
-  int64_t partial_offset;
-};
-
-struct AttentionPlan {
-  std::vector<WorkItem> items;  // sorted by decreasing cost
-  bool amx_decode = false;      // items the AMX decode kernel takes run there (attention_isa.h)
-  std::vector<ReduceItem> reductions;
-  int64_t partial_rows = 0;  // rows of (head_size + 2) floats the partial buffer needs
-};
-
-// Sequences with at least this many query rows are tiled into long-query items.
-constexpr int kLongQueryTokens = 64;
-// Query tokens per long-query item: more rows share each dequantized key chunk, and such a
-// sequence yields enough items without splitting its keys.
-constexpr int kLongQueryTileTokens = 64;
 
 // The vector kernel's build: the widest the CPU runs within KVTUNER_CPU_ISA (dispatch_env.h),
 // chosen by the first call (which raises a bad KVTUNER_CPU_ISA) for the whole process.

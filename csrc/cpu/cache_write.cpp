@@ -4,14 +4,14 @@
 #include <cmath>
 #include <vector>
 
-#include "cpu/simd_isa.h"
+#include "cpu/common/simd_isa.h"
 
 namespace kvtuner::cpu {
 namespace {
 
 KVT_INLINE void store_u16(uint8_t* p, uint16_t v) { std::memcpy(p, &v, 2); }
 
-// format.quantize's scale and zero of a group with range [lo, hi], as stored (fp16 bits) and as
+// reference.quantize's scale and zero of a group with range [lo, hi], as stored (fp16 bits) and as
 // used for the codes (their fp32 values; inv = 0 for a constant group, whose codes are all 0).
 struct GroupScale {
   uint16_t scale_h, zero_h;
@@ -30,7 +30,7 @@ KVT_INLINE GroupScale group_scale(float lo, float hi) {
   return g;
 }
 
-// format.quantize's code of x: round half to even (the default rounding mode), clamped.
+// reference.quantize's code of x: round half to even (the default rounding mode), clamped.
 template <int kBits>
 KVT_INLINE uint8_t code_of(float x, float zero, float inv) {
   constexpr float kQMax = float((1 << kBits) - 1);
@@ -99,7 +99,7 @@ KVT_INLINE void encode_head(const void* src, ElemType type, int bits, int head_s
 }
 
 // A kivi key group x[G_t][D] (fp32) -> codes of its G_t rows and one (scale, zero) pair per
-// channel, each channel quantized over the group's positions (format.quantize_channels).
+// channel, each channel quantized over the group's positions (reference.quantize_channels).
 template <int kBits>
 KVT_INLINE void quantize_channels(const float* __restrict x, int tokens, int head_size, uint8_t* __restrict codes,
                                   uint8_t* __restrict params, float* __restrict lo, float* __restrict hi,
@@ -175,9 +175,7 @@ KVT_HOT void write_kivi_groups(const CacheWriteParams& p, int seq, int kv_head) 
   const int elem = elem_size(p.dtype);
   const int group = p.format.key_group_size, head_size = p.head_size;
   const PlaneLayout layout(p.format, head_size, elem, p.block_size);
-  const int start = p.seqs.query_start_loc[seq];
-  const int rows = p.seqs.query_start_loc[seq + 1] - start;
-  const int first = p.seqs.seq_lens[seq] - rows;
+  const auto [start, rows, first] = sequence_rows(p.seqs, seq);
   const int64_t ring_offset = int64_t(p.ring.block_ids[seq]) * p.ring.stride_block + kv_head * p.ring.stride_head;
   const KeyRows source{static_cast<const char*>(p.key) + (start * p.key_stride_token + kv_head * p.key_stride_head) * elem,
                        p.key_stride_token * elem, static_cast<const char*>(p.ring.ring) + ring_offset * elem,
@@ -209,9 +207,7 @@ KVT_HOT void write_kivi_groups(const CacheWriteParams& p, int seq, int kv_head) 
 void write_window_sequence(const WindowWriteParams& p, int seq) {
   const int elem = elem_size(p.dtype);
   const int window = p.residual_length;
-  const int first_row = p.seqs.query_start_loc[seq];
-  const int rows = p.seqs.query_start_loc[seq + 1] - first_row;
-  const int first_position = p.seqs.seq_lens[seq] - rows;
+  const auto [first_row, rows, first_position] = sequence_rows(p.seqs, seq);
   const int kept = std::min(rows, window);
   const size_t row_bytes = size_t(p.head_size) * elem;
   char* ring = static_cast<char*>(p.ring.ring) + int64_t(p.ring.block_ids[seq]) * p.ring.stride_block * elem;

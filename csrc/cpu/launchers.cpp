@@ -10,7 +10,8 @@
 
 #include "cpu/attention.h"
 #include "cpu/cache_write.h"
-#include "cpu/prefill_attention.h"
+#include "cpu/common/matrix_unit.h"
+#include "cpu/prefill/prefill_attention.h"
 #include "cpu/route_counts.h"
 #include "launcher_args.h"
 #include "ops.h"
@@ -171,8 +172,8 @@ void paged_attention_cpu(torch::Tensor& out, const torch::Tensor& query, const t
   if (params.format.residual_length > 0) check_ring_ids(params.ring, params.seqs.num_seqs, num_ring_blocks(ring_cache));
 
   kvtuner::cpu::AttentionPlan plan = kvtuner::cpu::plan_attention(params, at::get_num_threads());
-  // Prefill route (cpu/prefill_attention.h): sequences with many query rows run on the matrix
-  // units where the CPU has them, taken out of `plan`; one queue, routed items first.
+  // Prefill route (cpu/prefill/prefill_attention.h): sequences with many query rows run on the
+  // matrix units where the CPU has them, taken out of `plan`; one queue, routed items first.
   const kvtuner::cpu::PrefillPlan prefill = kvtuner::cpu::plan_prefill(params, at::get_num_threads(), plan);
   kvtuner::cpu::count_routes(params, plan, prefill);
   const int64_t routed = int64_t(prefill.items.size());

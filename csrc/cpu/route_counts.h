@@ -8,7 +8,7 @@
 #include <cstdint>
 
 #include "cpu/attention.h"
-#include "cpu/prefill_attention.h"
+#include "cpu/prefill/prefill_attention.h"
 
 namespace kvtuner::cpu {
 

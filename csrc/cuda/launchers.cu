@@ -5,8 +5,8 @@
 // KVTUNER_DEBUG_CHECKS=1 builds.
 //
 // Headers are the narrow ATen/c10 ones on purpose: <torch/all.h> (and so ops.h) makes nvcc
-// parse the whole C++ frontend, measured at 328 s of CPU for this file against 31 s. The
-// definitions below keep ops.h's signatures (torch_bindings.cpp registers them from there).
+// parse the whole C++ frontend, which multiplies this file's compile time. The definitions
+// below keep ops.h's signatures (torch_bindings.cpp registers them from there).
 // <ATen/cuda/CUDAContext.h> does not compile without cuBLAS and cuSPARSE headers (see
 // docs/cuda-without-gpu.md); c10/cuda has what a launcher needs.
 #include <ATen/core/Tensor.h>

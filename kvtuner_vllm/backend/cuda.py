@@ -1,7 +1,7 @@
 """The CUDA backend: the shared impl on the CUDA kernels, with full CUDA graphs for uniform batches.
 
 The kernels' grid depends only on the batch's sequence and token counts, the head counts and
-`max_query_len` (csrc/cuda/kernels/api.h), and they read lengths, block tables and ring blocks from
+`max_query_len` (csrc/cuda/kernels/work_split.h), and they read lengths, block tables and ring blocks from
 device memory that vLLM (and ring.RingMetadataBuilder) keep at fixed addresses, so a captured
 decode step replays correctly: the builder declares AttentionCGSupport.UNIFORM_BATCH. The split-key
 scratch comes from vLLM's workspace manager, reserved at its largest size when the builder is made,

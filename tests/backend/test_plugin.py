@@ -12,6 +12,7 @@ vllm = pytest.importorskip("vllm")
 
 from kvtuner_vllm import format as kvformat  # noqa: E402
 from kvtuner_vllm import plugin  # noqa: E402
+from kvtuner_vllm import reference as kvref  # noqa: E402
 from kvtuner_vllm.backend import common, ring  # noqa: E402
 from kvtuner_vllm.backend.cpu import KVTunerCPUAttentionImpl, KVTunerCPUBackend  # noqa: E402
 from kvtuner_vllm.errors import KVTunerConfigError, UnsupportedConfigError  # noqa: E402
@@ -250,7 +251,7 @@ def test_profiling_run_leaves_a_defined_output():
 def test_backend_steps_compute_the_format_semantics(monkeypatch, options):
     """Two sequences through do_kv_cache_update + forward, step by step (a prefill in two chunks, one
     starting mid-block, then decodes), with the ring carried by the forward context: every output
-    equals format.simulated_attention over the whole sequence (fp32)."""
+    equals reference.simulated_attention over the whole sequence (fp32)."""
     torch.manual_seed(0)
     block, heads, kv_heads, head_size = 32, 4, 2, 64
     fmt = kvformat.LayerFormat(4, 2, head_size, 32, torch.float32, **options)
@@ -289,6 +290,6 @@ def test_backend_steps_compute_the_format_semantics(monkeypatch, options):
             outputs[s].append(part)
             done[s] = b
     for s in range(len(lengths)):
-        expected = kvformat.simulated_attention(q[s][None].transpose(1, 2), k[s][None].transpose(1, 2),
+        expected = kvref.simulated_attention(q[s][None].transpose(1, 2), k[s][None].transpose(1, 2),
                                                 v[s][None].transpose(1, 2), fmt, block, head_size**-0.5)
         torch.testing.assert_close(torch.cat(outputs[s]), expected[0].transpose(0, 1), atol=2e-5, rtol=2e-5)

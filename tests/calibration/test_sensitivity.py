@@ -5,7 +5,7 @@ from conftest import BLOCK
 
 from calibration import capture, sensitivity
 from calibration.common import SEARCH_PAIRS, FormatOption, pair
-from kvtuner_vllm import format as kvformat
+from kvtuner_vllm import reference as kvref
 
 OPTIONS = [
     FormatOption("per-token-group", 32, 0, 0),
@@ -33,8 +33,8 @@ def _rounding_bound(qkv, fmt, positions: torch.Tensor) -> torch.Tensor:
     u = torch.finfo(torch.float32).eps / 2
     length, size = qkv.key.shape[-2:]
     groups = qkv.query.shape[1] // qkv.key.shape[1]
-    key_hat = kvformat.fake_quantize_keys(qkv.key, fmt)
-    value_hat = kvformat.fake_quantize(qkv.value, fmt.value_bits, fmt.group_size)
+    key_hat = kvref.fake_quantize_keys(qkv.key, fmt)
+    value_hat = kvref.fake_quantize(qkv.value, fmt.value_bits, fmt.group_size)
     keys = torch.maximum(qkv.key.abs(), key_hat.abs()).float().repeat_interleave(groups, dim=1)
     values = torch.maximum(qkv.value.abs(), value_hat.abs()).float().repeat_interleave(groups, dim=1)
     magnitude = (qkv.query[:, :, positions].abs().float() @ keys.transpose(-1, -2)).amax(-1, keepdim=True)
@@ -52,7 +52,7 @@ def test_served_rows_are_rows_of_simulated_attention(measured, stride):
     qkv = captured[1]
     fmt = OPTIONS[3].layer_format(pair(2, 4), qkv.key.shape[-1], qkv.key.dtype)
     positions = torch.arange(stride - 1, qkv.key.shape[-2], stride)
-    full = kvformat.simulated_attention(qkv.query, qkv.key, qkv.value, fmt, BLOCK, qkv.scaling)
+    full = kvref.simulated_attention(qkv.query, qkv.key, qkv.value, fmt, BLOCK, qkv.scaling)
     difference = (sensitivity.served_rows(qkv, fmt, BLOCK, positions) - full[:, :, positions]).abs()
     assert (difference <= _rounding_bound(qkv, fmt, positions)).all()
 

@@ -5,7 +5,7 @@ from transformers import AutoModelForCausalLM
 
 from calibration import capture, simulate
 from calibration.common import FormatOption, pair
-from kvtuner_vllm import format as kvformat
+from kvtuner_vllm import reference as kvref
 
 OPTIONS = [
     FormatOption("per-token-group", 32, 0, 0),
@@ -29,7 +29,7 @@ def test_no_format_is_the_stock_model(tiny, stock, windows):
 
 def test_unquantized_served_attention_matches_sdpa(tiny, stock, windows):
     """16/16 everywhere: the served arithmetic (float32 attention) computes what SDPA does, so the layout,
-    GQA grouping and scaling handed to format.simulated_attention are the model's."""
+    GQA grouping and scaling handed to reference.simulated_attention are the model's."""
     model, _, _ = tiny
     ids = windows.calibration[:2]
     with torch.inference_mode(), simulate.served(model, capture.unquantized_formats(model), BLOCK):
@@ -65,7 +65,7 @@ def test_recorder_sees_exactly_what_enters_the_kv_cache(tiny, stock, windows):
 @pytest.mark.parametrize("option", OPTIONS, ids=lambda o: o.label)
 @pytest.mark.parametrize("bits", [(4, 2), (2, 4), (8, 8)], ids=str)
 def test_served_layer_computes_format_simulated_attention(tiny, windows, option, bits):
-    """The attention output of a served layer (what o_proj reads) is format.simulated_attention of the layer's
+    """The attention output of a served layer (what o_proj reads) is reference.simulated_attention of the layer's
     own query/key/value, every other layer untouched."""
     model, _, info = tiny
     ids = windows.calibration[:2]
@@ -84,7 +84,7 @@ def test_served_layer_computes_format_simulated_attention(tiny, windows, option,
                 quantized = model(ids, use_cache=False, output_hidden_states=True).hidden_states
     finally:
         handle.remove()
-    expected = kvformat.simulated_attention(seen["query"], seen["key"], seen["value"], fmt, BLOCK, module.scaling)
+    expected = kvref.simulated_attention(seen["query"], seen["key"], seen["value"], fmt, BLOCK, module.scaling)
     assert torch.equal(outputs["o_proj"], expected.transpose(1, 2).reshape(outputs["o_proj"].shape))
     assert torch.equal(quantized[1], base[1])  # layer 0 is untouched
     assert not torch.equal(quantized[2], base[2])  # layer 1 is quantized

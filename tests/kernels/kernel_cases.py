@@ -9,7 +9,7 @@ bfloat16 outputs (check_bf16_rows)
 ----------------------------------
 A fixed tolerance cannot tell a kernel's roundings from a missing key: an output row averages n
 values (|o| ~ n^-1/2), one key moves it by ~1/n, and bf16's atol 8e-3 hides that beyond a few
-hundred keys. So the reference is format.paged_attention_ref in float32 on the very bf16 query,
+hundred keys. So the reference is reference.paged_attention_ref in float32 on the very bf16 query,
 keys and values the kernel reads (packed keys and values dequantized as the pages hold them), and
 the bound follows from the roundings the kernel makes, with u = 2^-8 the unit roundoff of bf16
 (8 significant bits: a rounded x is x (1 + d), |d| <= u):
@@ -53,6 +53,7 @@ import pytest
 import torch
 
 from kvtuner_vllm import format as kvformat
+from kvtuner_vllm import reference as kvref
 
 # The CUDA cases exist everywhere and skip where no GPU is, so that a run on a CPU machine lists what it
 # did not prove (scripts/gpu_check.sh runs them on a GPU).
@@ -159,11 +160,11 @@ def make_batch(
         one_seq = {"query_start_loc": torch.tensor([0, history], dtype=torch.int32),
                    "seq_lens": torch.tensor([history], dtype=torch.int32)}
         ring_id = None if ring_block_ids is None else ring_block_ids[seq : seq + 1]
-        kvformat.quantize_and_cache_ref(keys[seq][:history], values[seq][:history], kv_cache,
+        kvref.quantize_and_cache_ref(keys[seq][:history], values[seq][:history], kv_cache,
                                         _slots(block_table[seq], torch.arange(history), block_size), fmt,
                                         ring_cache=ring_cache, ring_block_ids=ring_id, **one_seq)
         if ring_cache is not None:
-            kvformat.write_window_ref(keys[seq][:history], values[seq][:history], ring_cache, ring_id,
+            kvref.write_window_ref(keys[seq][:history], values[seq][:history], ring_cache, ring_id,
                                       fmt=fmt, **one_seq)
     query_start_loc = torch.zeros(num_seqs + 1, dtype=torch.int32)
     query_start_loc[1:] = torch.tensor(query_lens).cumsum(0)
@@ -174,14 +175,14 @@ def make_batch(
                               for s, (n, q) in enumerate(zip(seq_lens, query_lens, strict=True))])
     query = torch.randn(key.shape[0], num_q_heads, head_size, generator=generator).to(dtype)
     cache_before = kv_cache.clone()
-    kvformat.quantize_and_cache_ref(key, value, kv_cache, slot_mapping, fmt, query_start_loc, seq_lens_t, ring_cache,
+    kvref.quantize_and_cache_ref(key, value, kv_cache, slot_mapping, fmt, query_start_loc, seq_lens_t, ring_cache,
                                     ring_block_ids)
     return PagedBatch(fmt, query, key, value, slot_mapping, cache_before, kv_cache, ring_cache, ring_block_ids,
                       block_table, seq_lens_t, query_start_loc, keys, values)
 
 
 def reference_attention(batch: PagedBatch, scale: float, softcap: float | None = None) -> torch.Tensor:
-    return kvformat.paged_attention_ref(batch.query, batch.key, batch.value, batch.kv_cache, batch.block_table,
+    return kvref.paged_attention_ref(batch.query, batch.key, batch.value, batch.kv_cache, batch.block_table,
                                         batch.seq_lens, batch.query_start_loc, scale, batch.fmt, batch.ring_cache,
                                         batch.ring_block_ids, softcap)
 
@@ -266,7 +267,7 @@ def _value_midpoints(batch: PagedBatch) -> torch.Tensor:
     if fmt.value_bits == kvformat.UNQUANTIZED_BITS:
         return cache
     per_byte = 8 // fmt.value_bits
-    mid_byte = int(kvformat.pack_codes(torch.full((per_byte,), 2 ** (fmt.value_bits - 1), dtype=torch.uint8),
+    mid_byte = int(kvref.pack_codes(torch.full((per_byte,), 2 ** (fmt.value_bits - 1), dtype=torch.uint8),
                                        fmt.value_bits))
     _, _, begin, end = fmt.plane_offsets(batch.block_size)
     cache.flatten(2)[:, :, begin:end] = mid_byte
@@ -280,13 +281,13 @@ def _sequence_terms(batch: PagedBatch, seq: int, mid_cache: torch.Tensor, scale:
     length = int(batch.seq_lens[seq])
     num_kv_heads = batch.keys[seq].shape[1]
     group = batch.query.shape[1] // num_kv_heads
-    key_hat, value_hat = (t.double() for t in kvformat.read_cache_ref(batch.kv_cache, batch.block_table[seq], length,
+    key_hat, value_hat = (t.double() for t in kvref.read_cache_ref(batch.kv_cache, batch.block_table[seq], length,
                                                                       fmt))
-    value_mid = kvformat.read_cache_ref(mid_cache, batch.block_table[seq], length, fmt)[1].double()
+    value_mid = kvref.read_cache_ref(mid_cache, batch.block_table[seq], length, fmt)[1].double()
     key, value = (t[:length].transpose(0, 1).double() for t in (batch.keys[seq], batch.values[seq]))
     positions = torch.arange(length - (end - start), length).repeat(group)  # of the rows [group x q]
     keys = torch.arange(length)
-    packed = keys < kvformat.window_start(positions, batch.block_size, fmt.window)[:, None]
+    packed = keys < kvref.window_start(positions, batch.block_size, fmt.window)[:, None]
     q = batch.query[start:end].double().transpose(0, 1).unflatten(0, (num_kv_heads, -1)).flatten(1, 2)
     scores = torch.where(packed, q @ key_hat.transpose(1, 2), q @ key.transpose(1, 2)) * scale
     magnitude = torch.where(packed, q.abs() @ key_hat.abs().transpose(1, 2), q.abs() @ key.abs().transpose(1, 2))
@@ -325,9 +326,9 @@ def _row_variance(t: _SequenceTerms, out: torch.Tensor, roundings: Roundings) ->
 
 def bf16_reference(batch: PagedBatch, scale: float, roundings: Roundings, softcap: float | None = None
                    ) -> Bf16Reference:
-    """format.paged_attention_ref in float32 on the batch's bf16 inputs, and per output row what
+    """reference.paged_attention_ref in float32 on the batch's bf16 inputs, and per output row what
     check_bf16_rows needs to bound the error of a kernel that makes `roundings`."""
-    expected = kvformat.paged_attention_ref(batch.query.float(), batch.key.float(), batch.value.float(),
+    expected = kvref.paged_attention_ref(batch.query.float(), batch.key.float(), batch.value.float(),
                                             batch.kv_cache, batch.block_table, batch.seq_lens, batch.query_start_loc,
                                             scale, batch.fmt, batch.ring_cache, batch.ring_block_ids, softcap)
     mid_cache = _value_midpoints(batch)

@@ -1,6 +1,6 @@
 """Results depend on positions only: the same sequence run step by step in different chunkings
 (quantize_and_cache -> paged_attention -> write_window per step, the caches and rings carried
-from step to step) gives what format.simulated_attention computes for the whole sequence."""
+from step to step) gives what reference.simulated_attention computes for the whole sequence."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 from kernel_cases import DEVICES, TOLERANCE, layer_format
 
-from kvtuner_vllm import format as kvformat
 from kvtuner_vllm import ops
+from kvtuner_vllm import reference as kvref
 
 LENGTH, BLOCK_SIZE, NUM_Q_HEADS, NUM_KV_HEADS, HEAD_SIZE = 300, 32, 6, 2, 64
 
@@ -90,6 +90,6 @@ def test_chunkings_match_whole_sequence(name, device):
         NUM_KV_HEADS, HEAD_SIZE, generator=generator)
     value = torch.randn(num_seqs, LENGTH, NUM_KV_HEADS, HEAD_SIZE, generator=generator)
     actual = run_in_steps(fmt, query, key, value, chunkings, device)
-    expected = kvformat.simulated_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), fmt,
+    expected = kvref.simulated_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), fmt,
                                             BLOCK_SIZE, HEAD_SIZE**-0.5).transpose(1, 2)
     torch.testing.assert_close(actual, expected, **TOLERANCE[torch.float32])

@@ -19,6 +19,7 @@ from kernel_cases import CUDA
 
 from kvtuner_vllm import format as kvformat
 from kvtuner_vllm import ops
+from kvtuner_vllm import reference as kvref
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,7 @@ def test_quantize_and_cache_bytes(emulator, head_size, group_size, bits, dtype):
     expected = torch.randint(0, 256, fmt.cache_shape(num_blocks, heads, block_size), dtype=torch.uint8,
                              generator=generator)
     actual = expected.clone()
-    kvformat.quantize_and_cache_ref(key, value, expected, slots, fmt)
+    kvref.quantize_and_cache_ref(key, value, expected, slots, fmt)
     binding.EmulatorOps(emulator, fmt).quantize_and_cache(key, value, actual, slots, *no_sequences())
     assert torch.equal(expected, actual), f"{(expected != actual).sum()} bytes differ"
 
@@ -119,7 +120,7 @@ def small_batch(fmt, seq_len=20, block_size=16):
     key = random_rows(generator, seq_len, 1, fmt.head_size, fmt.dtype)
     value = random_rows(generator, seq_len, 1, fmt.head_size, fmt.dtype)
     table = torch.arange(blocks, dtype=torch.int32).view(1, -1)
-    kvformat.quantize_and_cache_ref(key, value, cache, torch.arange(seq_len), fmt)
+    kvref.quantize_and_cache_ref(key, value, cache, torch.arange(seq_len), fmt)
     return cache, key[-1:], value[-1:], table
 
 

@@ -1,4 +1,4 @@
-"""paged_attention's AMX decode kernel (csrc/cpu/attention_amx.cpp) against format.paged_attention_ref.
+"""paged_attention's AMX decode kernel (csrc/cpu/amx/decode_attention.cpp) against reference.paged_attention_ref.
 
 The kernel takes short-query items (decodes, speculative steps) of bfloat16 models whose keys and
 values are both packed (per-token groups or kivi keys): Q.codes^T and P'.codes on AMX tiles, the

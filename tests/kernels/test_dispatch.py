@@ -1,5 +1,5 @@
 """Which CPU kernel paged_attention runs: the environment variables that steer it, one rule for all
-(csrc/cpu/dispatch_env.h: unset or empty is the default, anything but an accepted value is a
+(csrc/cpu/common/dispatch_env.h: unset or empty is the default, anything but an accepted value is a
 ValueError naming the variable, the value and the accepted values, raised by the call whatever its
 batch), and the route counters that report it (ops.cpu_routes). KVTUNER_DECODE_ISA,
 KVTUNER_PREFILL_ISA and KVTUNER_PREFILL_MIN_ROWS are read at every call; KVTUNER_CPU_ISA once per

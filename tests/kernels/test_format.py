@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from kvtuner_vllm import format as kvformat
+from kvtuner_vllm import ops
+from kvtuner_vllm import reference as kvref
 
 QUANT_BITS = (2, 4, 8)
 FP16_HALF_ULP = 2.0**-11  # relative rounding error of an fp16 normal number
@@ -16,16 +18,16 @@ FP16_MIN_SUBNORMAL = 2.0**-24
 @pytest.mark.parametrize("bits", QUANT_BITS)
 def test_pack_unpack_round_trip(bits):
     codes = torch.randint(0, 2**bits, (7, 128), dtype=torch.uint8)
-    packed = kvformat.pack_codes(codes, bits)
+    packed = kvref.pack_codes(codes, bits)
     assert packed.shape == (7, 128 * bits // 8)
-    assert torch.equal(kvformat.unpack_codes(packed, bits), codes)
+    assert torch.equal(kvref.unpack_codes(packed, bits), codes)
     every_byte = torch.arange(256, dtype=torch.uint8)
-    assert torch.equal(kvformat.pack_codes(kvformat.unpack_codes(every_byte, bits), bits), every_byte)
+    assert torch.equal(kvref.pack_codes(kvref.unpack_codes(every_byte, bits), bits), every_byte)
 
 
 def test_pack_order_is_little_end_first():
-    assert kvformat.pack_codes(torch.tensor([1, 2], dtype=torch.uint8), 4).tolist() == [0x21]
-    assert kvformat.pack_codes(torch.tensor([1, 2, 3, 0], dtype=torch.uint8), 2).tolist() == [0b00111001]
+    assert kvref.pack_codes(torch.tensor([1, 2], dtype=torch.uint8), 4).tolist() == [0x21]
+    assert kvref.pack_codes(torch.tensor([1, 2, 3, 0], dtype=torch.uint8), 2).tolist() == [0b00111001]
 
 
 def error_bound(x: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
@@ -53,7 +55,7 @@ def error_bound(x: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
 def test_error_within_half_a_step(bits, group_size, magnitude):
     generator = torch.Generator().manual_seed(bits * group_size)
     x = (torch.randn(256, 128, generator=generator) + torch.randn(256, 1, generator=generator)) * magnitude
-    x_hat = kvformat.fake_quantize(x, bits, group_size)
+    x_hat = kvref.fake_quantize(x, bits, group_size)
     assert ((x_hat - x).abs() <= error_bound(x, bits, group_size)).all()
 
 
@@ -62,10 +64,10 @@ def test_constant_and_zero_groups_are_exact(bits):
     x = torch.zeros(3, 64)
     x[1] = 0.3125  # fp16-representable: the zero stores it exactly
     x[2, :32] = -7.5
-    x_hat = kvformat.fake_quantize(x, bits, 32)
+    x_hat = kvref.fake_quantize(x, bits, 32)
     assert torch.isfinite(x_hat).all()
     assert torch.equal(x_hat, x)
-    codes, scale, _ = kvformat.quantize(x, bits, 32)
+    codes, scale, _ = kvref.quantize(x, bits, 32)
     assert (codes == 0).all() and (scale == 0).all()
 
 
@@ -73,7 +75,7 @@ def test_constant_and_zero_groups_are_exact(bits):
 def test_large_magnitudes_stay_finite(bits):
     """Beyond fp16 the zero and the scale clamp to +-65504: finite, if no longer accurate."""
     x = torch.tensor([[1e30, -1e30] * 16, [6e4, -6e4] * 16, [65504.0] * 31 + [-65504.0]])
-    x_hat = kvformat.fake_quantize(x, bits, 32)
+    x_hat = kvref.fake_quantize(x, bits, 32)
     assert torch.isfinite(x_hat).all()
     assert ((x_hat[1:] - x[1:]).abs() <= error_bound(x[1:], bits, 32)).all()
 
@@ -82,17 +84,17 @@ def test_large_magnitudes_stay_finite(bits):
 @pytest.mark.parametrize("dtype", kvformat.SUPPORTED_DTYPES, ids=str)
 def test_encode_decode_matches_fake_quantize(bits, dtype):
     x = torch.randn(10, 64).to(dtype)
-    code, params = kvformat.encode(x, bits, 32)
+    code, params = kvref.encode(x, bits, 32)
     assert code.shape == (10, kvformat.code_bytes(bits, 64, dtype))
     assert params.shape == (10, kvformat.param_bytes(bits, 64, 32))
-    assert torch.equal(kvformat.decode(code, params, bits, 32, dtype).to(dtype), kvformat.fake_quantize(x, bits, 32))
+    assert torch.equal(kvref.decode(code, params, bits, 32, dtype).to(dtype), kvref.fake_quantize(x, bits, 32))
 
 
 def test_sixteen_bits_round_trip_is_exact():
     x = torch.randn(5, 64, dtype=torch.bfloat16)
-    code, params = kvformat.encode(x, 16, 64)
+    code, params = kvref.encode(x, 16, 64)
     assert params.numel() == 0
-    assert torch.equal(kvformat.decode(code, params, 16, 64, torch.bfloat16), x.float())
+    assert torch.equal(kvref.decode(code, params, 16, 64, torch.bfloat16), x.float())
 
 
 @pytest.mark.parametrize(
@@ -120,7 +122,7 @@ def test_sixteen_bit_page_is_a_stock_bf16_page():
     key = torch.randn(16, 2, 64, dtype=torch.bfloat16)
     value = torch.randn(16, 2, 64, dtype=torch.bfloat16)
     cache = torch.zeros(fmt.cache_shape(1, 2, 16), dtype=torch.uint8)
-    kvformat.quantize_and_cache_ref(key, value, cache, torch.arange(16), fmt)
+    kvref.quantize_and_cache_ref(key, value, cache, torch.arange(16), fmt)
     planes = cache.view(torch.bfloat16).view(1, 2, 2, 16, 64)  # [B, H, K|V, N, D]
     assert torch.equal(planes[0, :, 0], key.transpose(0, 1))
     assert torch.equal(planes[0, :, 1], value.transpose(0, 1))
@@ -144,7 +146,7 @@ def test_invalid_formats_are_rejected(head_size, group_size, message):
 )
 def test_window_start(position, block_size, window, expected):
     """w0(p) = max(block start, p - R + 1): the window never leaves p's block; R = 0 reads nothing in it."""
-    assert int(kvformat.window_start(torch.tensor(position), block_size, window)) == expected
+    assert int(kvref.window_start(torch.tensor(position), block_size, window)) == expected
 
 
 def test_kivi_key_params_per_token_group():
@@ -200,13 +202,31 @@ def test_reference_steps_match_simulated_attention(window, key_group_size):
         slots = block_table[0, positions // block_size].long() * block_size + positions % block_size
         seqs = {"query_start_loc": torch.tensor([0, rows], dtype=torch.int32),
                 "seq_lens": torch.tensor([done + rows], dtype=torch.int32)}
-        kvformat.quantize_and_cache_ref(key[step], value[step], cache, slots, fmt, ring_cache=ring,
+        kvref.quantize_and_cache_ref(key[step], value[step], cache, slots, fmt, ring_cache=ring,
                                         ring_block_ids=ring_ids, **seqs)
-        out.append(kvformat.paged_attention_ref(query[step], key[step], value[step], cache, block_table,
+        out.append(kvref.paged_attention_ref(query[step], key[step], value[step], cache, block_table,
                                                 scale=0.125, fmt=fmt, ring_cache=ring, ring_block_ids=ring_ids, **seqs))
         if ring is not None:
-            kvformat.write_window_ref(key[step], value[step], ring, ring_ids, fmt=fmt, **seqs)
+            kvref.write_window_ref(key[step], value[step], ring, ring_ids, fmt=fmt, **seqs)
         done += rows
-    expected = kvformat.simulated_attention(query.transpose(0, 1)[None], key.transpose(0, 1)[None],
+    expected = kvref.simulated_attention(query.transpose(0, 1)[None], key.transpose(0, 1)[None],
                                             value.transpose(0, 1)[None], fmt, block_size, 0.125)[0].transpose(0, 1)
     torch.testing.assert_close(torch.cat(out), expected, atol=2e-5, rtol=2e-5)
+
+
+def test_format_py_agrees_with_the_kernels_constants():
+    """csrc/packed_format.h is the kernels' one source of these numbers; format.py states them for
+    Python: the two must say the same."""
+    kernels = ops.format_constants()
+    assert kernels["supported_bits"] == kvformat.SUPPORTED_BITS
+    assert kernels["unquantized_bits"] == (kvformat.UNQUANTIZED_BITS,)
+    assert kernels["supported_group_sizes"] == kvformat.SUPPORTED_GROUP_SIZES
+    assert kernels["supported_key_group_sizes"] == kvformat.SUPPORTED_KEY_GROUP_SIZES
+    assert kernels["supported_head_sizes"] == kvformat.SUPPORTED_HEAD_SIZES
+    assert kernels["head_size_multiple"] == (kvformat.HEAD_SIZE_MULTIPLE,)
+    assert kernels["max_head_size"] == (max(kvformat.SUPPORTED_HEAD_SIZES),)
+    assert kernels["max_residual_length"] == (kvformat.MAX_RESIDUAL_LENGTH,)
+    assert kernels["param_bytes_per_group"] == (kvformat.PARAM_BYTES_PER_GROUP,)
+    assert kernels["fp16_max"] == (int(kvformat.FP16_MAX),)
+    assert {name for name in kernels if name.startswith("cuda_")} == {
+        "cuda_decode_rows", "cuda_decode_max_query", "cuda_split_target_blocks", "cuda_max_partitions"}

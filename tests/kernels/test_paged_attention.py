@@ -1,4 +1,4 @@
-"""paged_attention against format.paged_attention_ref (same packed, ring and fresh inputs, tight
+"""paged_attention against reference.paged_attention_ref (same packed, ring and fresh inputs, tight
 tolerance) and against unquantized fp32 attention (within the error the quantization can cause)."""
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from kernel_cases import (
 
 from kvtuner_vllm import format as kvformat
 from kvtuner_vllm import ops
+from kvtuner_vllm import reference as kvref
 
 # 17 sequences of mixed lengths (1 token, partial and full blocks, several blocks).
 RAGGED_SEQ_LENS = [1, 54, 97, 16, 17, 128, 129, 300, 2, 33, 64, 250, 5, 111, 200, 31, 77]
@@ -209,13 +210,13 @@ def quantization_error_bound(batch: PagedBatch, scale: float) -> torch.Tensor:
     for seq, (key, value) in enumerate(zip(batch.keys, batch.values, strict=True)):
         start, end = int(batch.query_start_loc[seq]), int(batch.query_start_loc[seq + 1])
         length = key.shape[0]
-        key_hat, value_hat = kvformat.read_cache_ref(batch.kv_cache, batch.block_table[seq], length, batch.fmt)
+        key_hat, value_hat = kvref.read_cache_ref(batch.kv_cache, batch.block_table[seq], length, batch.fmt)
         key_error = (key_hat - key.float().transpose(0, 1)).repeat_interleave(group, 0)  # [Hq, L, D]
         value_error = (value_hat - value.float().transpose(0, 1)).abs().repeat_interleave(group, 0)  # [Hq, L, D]
         value_range = value.float().amax(0) - value.float().amin(0)  # [Hkv, D]
         half_range = value_range.repeat_interleave(group, 0) / 2  # [Hq, D]
         positions = torch.arange(length - (end - start), length)
-        packed = torch.arange(length) < kvformat.window_start(positions, batch.block_size, batch.fmt.window)[:, None]
+        packed = torch.arange(length) < kvref.window_start(positions, batch.block_size, batch.fmt.window)[:, None]
         q = batch.query[start:end].float().transpose(0, 1)  # [Hq, q_len, D]
         score_error = (q @ key_error.transpose(1, 2)).abs() * scale  # [Hq, q_len, L]
         eps = score_error.masked_fill(~packed, 0).amax(-1)  # [Hq, q_len]

@@ -1,4 +1,4 @@
-"""paged_attention's prefill route (csrc/cpu/prefill_attention.*) against format.paged_attention_ref.
+"""paged_attention's prefill route (csrc/cpu/prefill_attention.*) against reference.paged_attention_ref.
 
 The route computes Q.K^T and P.V on the CPU's matrix units (AMX, or AVX512-BF16 dot products)
 from bfloat16 operands with fp32 accumulation. Against the fp32 reference it rounds two things:

@@ -1,4 +1,4 @@
-"""quantize_and_cache against format.quantize_and_cache_ref: the cache bytes must be identical."""
+"""quantize_and_cache against reference.quantize_and_cache_ref: the cache bytes must be identical."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from kernel_cases import DEVICES, PagedBatch, layer_format, make_batch
 
 from kvtuner_vllm import format as kvformat
 from kvtuner_vllm import ops
+from kvtuner_vllm import reference as kvref
 
 BITS = kvformat.SUPPORTED_BITS
 DTYPES = list(kvformat.SUPPORTED_DTYPES)
@@ -38,7 +39,7 @@ def write_with_op(batch: PagedBatch, device: str, key=None, value=None, slot_map
 
 def write_with_reference(batch: PagedBatch, key, value, slot_mapping) -> torch.Tensor:
     cache = batch.cache_before.clone()
-    kvformat.quantize_and_cache_ref(key, value, cache, slot_mapping, batch.fmt, batch.query_start_loc, batch.seq_lens,
+    kvref.quantize_and_cache_ref(key, value, cache, slot_mapping, batch.fmt, batch.query_start_loc, batch.seq_lens,
                                     batch.ring_cache, batch.ring_block_ids)
     return cache
 
@@ -131,7 +132,7 @@ def test_slot_mapping_shorter_than_tokens():
     slots = torch.tensor([5, 1, 9])
     expected = torch.zeros(fmt.cache_shape(1, 2, 16), dtype=torch.uint8)
     actual = expected.clone()
-    kvformat.quantize_and_cache_ref(key[:3], value[:3], expected, slots, fmt)
+    kvref.quantize_and_cache_ref(key[:3], value[:3], expected, slots, fmt)
     ops.quantize_and_cache(key, value, actual, slots, fmt)
     assert_same_bytes(expected, actual)
 

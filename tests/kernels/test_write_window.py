@@ -1,4 +1,4 @@
-"""write_window against format.write_window_ref: the ring caches must be identical."""
+"""write_window against reference.write_window_ref: the ring caches must be identical."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from kernel_cases import DEVICES, PagedBatch, layer_format, make_batch
 
 from kvtuner_vllm import format as kvformat
 from kvtuner_vllm import ops
+from kvtuner_vllm import reference as kvref
 
 # (history, rows) per sequence: fewer rows than the window, exactly R, more (a long chunk whose
 # earlier rows never reach the ring), wrapping around the ring, one row, none.
@@ -24,7 +25,7 @@ def write_both(batch: PagedBatch, device: str, key=None, value=None) -> tuple[to
     key = batch.key if key is None else key
     value = batch.value if value is None else value
     expected = batch.ring_cache.clone()
-    kvformat.write_window_ref(key, value, expected, batch.ring_block_ids, batch.query_start_loc, batch.seq_lens,
+    kvref.write_window_ref(key, value, expected, batch.ring_block_ids, batch.query_start_loc, batch.seq_lens,
                               batch.fmt)
     b = batch.to(device)
     actual = b.ring_cache.clone()

@@ -8,6 +8,7 @@
 
 #include <cstdint>
 
+#include "cuda/kernels/work_split.h"
 #include "kernel_params.h"
 
 namespace kvtuner::cuda {
@@ -31,39 +32,6 @@ struct WindowWriteLaunch {
 };
 
 void launch_write_window(const WindowWriteLaunch& launch, cudaStream_t stream);
-
-// ------------------------------------------------------------------------------------------
-// paged_attention work split (see paged_attention.cuh for the kernels)
-//
-// Two kernels share one body and split the sequences between them by query length:
-// * the decode kernel takes sequences with q_len <= kDecodeMaxQuery (decode, speculative
-//   decode, short chunks) in tiles of kDecodeRows (query token, query head) rows, and splits
-//   their context into num_partitions partitions merged by a reduce kernel;
-// * the prefill kernel takes the longer ones in tiles of 32-64 rows, unsplit.
-// Every grid dimension is a function of (num_seqs, num_tokens, heads, head size,
-// max_query_len) only: the kernels read seq_lens and query_start_loc on the device, and the
-// partition length of each sequence is derived there from its own seq_len.
-// ------------------------------------------------------------------------------------------
-
-constexpr int kDecodeRows = 8;         // rows per decode tile: a GQA group of up to 8 heads
-constexpr int kDecodeMaxQuery = 16;    // longest query the decode kernel takes
-constexpr int kSplitTargetCtas = 1024;  // split until the decode grid has about this many blocks
-constexpr int kMaxPartitions = 128;
-constexpr int kPartitionGranule = 256;  // partition lengths are multiples of this many keys
-
-// Rows per prefill tile: 64, or 32 for head size 256 (shared memory and registers).
-constexpr int prefill_tile_rows(int head_size) { return head_size > 128 ? 32 : 64; }
-
-struct AttentionPlan {
-  int decode_tiles_per_seq;  // tiles of every sequence in the decode grid
-  int num_partitions;        // context partitions of the decode kernel (1: no reduce)
-  int64_t prefill_tiles;     // blocks along x of the prefill grid (0: not launched)
-  int64_t workspace_bytes;   // partial results of the split (0 when num_partitions == 1)
-};
-
-// The plan of a batch; kvtuner_vllm/ops.py `attention_workspace_size` mirrors its workspace.
-AttentionPlan plan_attention(int64_t num_tokens, int num_seqs, int num_q_heads, int num_kv_heads, int head_size,
-                             int max_query_len);
 
 struct AttentionLaunch {
   AttentionParams p;

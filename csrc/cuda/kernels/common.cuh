@@ -200,18 +200,12 @@ __device__ __forceinline__ int sequence_of_row(const SequenceArgs& seqs, int64_t
   return lo;
 }
 
-// One sequence of the step: its rows [start, start + rows) sit at positions first .. first + rows - 1.
-struct SequenceRows {
-  int start, rows, first;
-};
-
-__device__ __forceinline__ SequenceRows sequence_rows(const SequenceArgs& seqs, int seq) {
-  const int start = seqs.query_start_loc[seq];
-  const int rows = seqs.query_start_loc[seq + 1] - start;
-  const int seq_len = seqs.seq_lens[seq];
-  KVT_DEVICE_CHECK(rows >= 0, "query_start_loc must not decrease", rows);
-  KVT_DEVICE_CHECK(rows <= seq_len, "a sequence's query rows exceed its seq_len", seq_len);
-  return SequenceRows{start, rows, seq_len - rows};
+// sequence_rows (kernel_params.h) with the debug checks of what the batch promises.
+__device__ __forceinline__ SequenceRows checked_sequence_rows(const SequenceArgs& seqs, int seq) {
+  const SequenceRows s = sequence_rows(seqs, seq);
+  KVT_DEVICE_CHECK(s.rows >= 0, "query_start_loc must not decrease", s.rows);
+  KVT_DEVICE_CHECK(s.first >= 0, "a sequence's query rows exceed its seq_len", seqs.seq_lens[seq]);
+  return s;
 }
 
 // ------------------------------------------------------------------------------------------

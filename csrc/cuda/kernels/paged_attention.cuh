@@ -128,7 +128,7 @@ __device__ __forceinline__ bool locate_tile(const AttentionLaunch& launch, TileW
     w.seq = prefill_tile_sequence(p.seqs, group, kRows, blockIdx.x);
     w.tile = int(int64_t(blockIdx.x) - prefill_tile_begin(p.seqs.query_start_loc, w.seq, group, kRows));
   }
-  w.s = sequence_rows(p.seqs, w.seq);
+  w.s = checked_sequence_rows(p.seqs, w.seq);
   KVT_DEVICE_CHECK(w.s.rows <= p.max_query_len, "a query is longer than max_query_len", w.s.rows);
   const bool decode_sequence = w.s.rows <= kDecodeMaxQuery;
   if (w.s.rows == 0 || decode_sequence != kDecode) return false;
@@ -551,7 +551,7 @@ __global__ void __launch_bounds__(kReduceThreads) reduce_partitions_kernel(const
   const int seq = int(blockIdx.x / launch.plan.decode_tiles_per_seq);
   const int tile = int(blockIdx.x % launch.plan.decode_tiles_per_seq);
   const int kv_head = blockIdx.y;
-  const SequenceRows s = sequence_rows(p.seqs, seq);
+  const SequenceRows s = checked_sequence_rows(p.seqs, seq);
   if (s.rows == 0 || s.rows > kDecodeMaxQuery) return;
   const int64_t first_row = int64_t(tile) * kDecodeRows;
   const int64_t total_rows = int64_t(s.rows) * group;

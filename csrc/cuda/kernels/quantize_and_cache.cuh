@@ -196,7 +196,7 @@ __global__ void __launch_bounds__(kKiviThreads) quantize_kivi_keys_kernel(const 
   const int group = p.format.key_group_size;
   const int seq = sequence_of_row(p.seqs, row);
   if (seq < 0) return;
-  const SequenceRows s = sequence_rows(p.seqs, seq);
+  const SequenceRows s = checked_sequence_rows(p.seqs, seq);
   const int end = s.first + int(row - s.start) + 1;  // one past the row's position
   if (end % group != 0) return;
   const int64_t slot = p.slot_mapping[row];

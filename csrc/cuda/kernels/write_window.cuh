@@ -22,7 +22,7 @@ __global__ void __launch_bounds__(kWindowThreads) write_window_kernel(const Wind
   const int64_t row = blockIdx.x;
   const int seq = sequence_of_row(p.seqs, row);
   if (seq < 0) return;
-  const SequenceRows s = sequence_rows(p.seqs, seq);
+  const SequenceRows s = checked_sequence_rows(p.seqs, seq);
   const int index = int(row - s.start);  // the row's index in its sequence
   if (index < s.rows - p.residual_length) return;  // a later row of the step takes its ring row
   const int64_t ring_block = p.ring.block_ids[seq];

@@ -9,7 +9,7 @@
 #include "cuda/paged_attention_bf16.cu"
 #include "cuda/paged_attention_fp16.cu"
 #include "cuda/paged_attention_fp32.cu"
-#include "cuda/quantize_and_cache.cu"
+#include "cuda/cache_writes.cu"
 
 using namespace kvtuner;
 

@@ -17,6 +17,7 @@ from kernel_cases import TOLERANCE  # tests/kernels on the path (pytest, scripts
 
 from kvtuner_vllm import format as kvformat
 from kvtuner_vllm import ops as kernel_ops
+from kvtuner_vllm import reference as kvref
 
 
 class Ops(Protocol):
@@ -163,10 +164,10 @@ class ScenarioState:
             one = (torch.tensor([0, history], dtype=torch.int32), torch.tensor([history], dtype=torch.int32))
             ids = self.ring_ids[seq : seq + 1] if self.ring_ids is not None else None
             key, value = self.keys[seq][:history], self.values[seq][:history]
-            kvformat.quantize_and_cache_ref(key, value, self.cache, self.slots_of(seq, torch.arange(history)), fmt,
+            kvref.quantize_and_cache_ref(key, value, self.cache, self.slots_of(seq, torch.arange(history)), fmt,
                                             *one, self.ring, ids)
             if self.ring is not None:
-                kvformat.write_window_ref(key, value, self.ring, ids, *one, fmt)
+                kvref.write_window_ref(key, value, self.ring, ids, *one, fmt)
 
     def step_batch(self, step: int) -> StepBatch:
         sc, fmt = self.sc, self.sc.fmt
@@ -205,7 +206,7 @@ def run_scenario(ops: Ops, sc: Scenario) -> None:
              for name in ("key", "value", "query", "slots", "seq_lens", "query_start_loc", "block_table", "ring_ids")}
 
         expected_cache = state.cache.clone()
-        kvformat.quantize_and_cache_ref(b.key, b.value, expected_cache, b.slots, fmt, b.query_start_loc, b.seq_lens,
+        kvref.quantize_and_cache_ref(b.key, b.value, expected_cache, b.slots, fmt, b.query_start_loc, b.seq_lens,
                                         state.ring, b.ring_ids)
         ops.quantize_and_cache(d["key"], d["value"], state.device_cache, d["slots"], d["query_start_loc"],
                                d["seq_lens"], state.device_ring, d["ring_ids"])
@@ -215,7 +216,7 @@ def run_scenario(ops: Ops, sc: Scenario) -> None:
         state.cache = expected_cache
 
         scale = fmt.head_size**-0.5
-        expected = kvformat.paged_attention_ref(b.query, b.key, b.value, state.cache, b.block_table, b.seq_lens,
+        expected = kvref.paged_attention_ref(b.query, b.key, b.value, state.cache, b.block_table, b.seq_lens,
                                                 b.query_start_loc, scale, fmt, state.ring, b.ring_ids, sc.softcap)
         out = torch.full_like(d["query"], float("nan"))
         ops.paged_attention(out, d["query"], d["key"], d["value"], state.device_cache, d["block_table"],
@@ -228,7 +229,7 @@ def run_scenario(ops: Ops, sc: Scenario) -> None:
 
         if state.ring is not None:
             expected_ring = state.ring.clone()
-            kvformat.write_window_ref(b.key, b.value, expected_ring, b.ring_ids, b.query_start_loc, b.seq_lens, fmt)
+            kvref.write_window_ref(b.key, b.value, expected_ring, b.ring_ids, b.query_start_loc, b.seq_lens, fmt)
             ops.write_window(d["key"], d["value"], state.device_ring, d["ring_ids"], d["query_start_loc"],
                              d["seq_lens"])
             actual_ring = state.device_ring.cpu()

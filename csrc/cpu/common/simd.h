@@ -20,7 +20,7 @@
 #include <immintrin.h>
 #endif
 
-#include "cpu/numeric.h"
+#include "cpu/common/numeric.h"
 
 // Vec16 helpers are always inlined into the clones, so the vector ABI of the default target never applies.
 #pragma GCC diagnostic ignored "-Wpsabi"

@@ -1,5 +1,5 @@
 // 2^x on 16 fp32 lanes for the AVX-512 kernels' softmax; included inside an AVX-512 target region
-// (prefill_attention.cpp, attention_amx.cpp). Internal linkage: each unit keeps its own copy.
+// (prefill_attention.cpp, amx/decode_attention.cpp). Internal linkage: each unit keeps its own copy.
 #pragma once
 
 #include <immintrin.h>

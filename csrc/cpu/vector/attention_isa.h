@@ -8,7 +8,7 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "cpu/attention.h"
+#include "cpu/common/work_plan.h"
 
 namespace kvtuner::cpu {
 
@@ -30,8 +30,8 @@ inline int tile_position(int bits, int head_size, int c) {
   return base + (w % per_byte) * run_bytes + w / per_byte;
 }
 
-// Keys per chunk: a K and a V tile of chunk x D floats stay in L1.
-// (16 to 64 keys measure alike for D = 64; 128 spills out of L1.)
+// Keys per chunk: about 2048 / D, so that a K and a V tile of chunk x D floats stay in L1
+// together with the rows they update.
 inline int chunk_tokens(int head_size) { return std::clamp(2048 / head_size, 16, 64); }
 
 // Per-thread working memory of one item (sizes for `rows` query rows, head size D, `chunk` keys).
@@ -46,10 +46,10 @@ struct ItemScratch {
   float *channel_scale, *channel_zero;       // [D]: kivi params of one token group, tile order
   float* row;                                // [2D]: one row in channel order
   const int *key_order, *value_order;        // [D]: tile position of each channel
-  uint8_t* matrix;                           // kDecodeWorkspaceBytes, 64-byte aligned: attention_amx.cpp's
+  uint8_t* matrix;                           // kDecodeWorkspaceBytes, 64-byte aligned: amx/decode_attention.cpp's
 };
 
-// The AMX decode kernel (attention_amx.cpp): query rows per item it takes at most, and its
+// The AMX decode kernel (amx/decode_attention.cpp): query rows per item it takes at most, and its
 // workspace per thread.
 constexpr int kMaxDecodeRows = 16;
 constexpr size_t kDecodeWorkspaceBytes = size_t(256) << 10;

@@ -5,19 +5,18 @@
 // full-precision window) and every query row that sees part of a chunk updates its online
 // softmax with them.
 //
-// Include order in a unit: attention_isa.h and cpu/simd.h (every standard header the kernel
+// Include order in a unit: attention_isa.h and cpu/common/simd.h (every standard header the kernel
 // uses, compiled for the default target), then the pragma, then this file.
 #pragma once
 
-#include "cpu/attention_isa.h"
-#include "cpu/simd_isa.h"
+#include "cpu/vector/attention_isa.h"
+#include "cpu/common/simd_isa.h"
 #include "packed_format.h"
 
 namespace kvtuner::cpu {
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-constexpr int kMaxHeadSize = 256;
 
 // Kernels are templated on kVecs = D / 16, so that loops over a head unroll and a row of q or
 // of the output accumulator lives in registers; kVecs = 0 is the generic version (D read at run
@@ -510,11 +509,11 @@ KVT_INLINE WindowRows window_rows(const ItemContext& c) {
                       c.item.kv_head * p.ring.stride_head) * elem;
   const int window = p.format.residual_length;
   return {{static_cast<const char*>(p.key) +
-               (c.seq.first_row * p.key_stride_token + c.item.kv_head * p.key_stride_head) * elem,
-           p.key_stride_token * elem, ring, row_bytes, c.seq.first_position, window},
+               (c.seq.start * p.key_stride_token + c.item.kv_head * p.key_stride_head) * elem,
+           p.key_stride_token * elem, ring, row_bytes, c.seq.first, window},
           {static_cast<const char*>(p.value) +
-               (c.seq.first_row * p.value_stride_token + c.item.kv_head * p.value_stride_head) * elem,
-           p.value_stride_token * elem, ring + window * row_bytes, row_bytes, c.seq.first_position, window}};
+               (c.seq.start * p.value_stride_token + c.item.kv_head * p.value_stride_head) * elem,
+           p.value_stride_token * elem, ring + window * row_bytes, row_bytes, c.seq.first, window}};
 }
 
 // Full-precision keys [min_r full_begin[r], max_r full_end[r]): the window.
@@ -535,7 +534,7 @@ KVT_INLINE void attend_full(const ItemContext& c, const ItemScratch& s) {
 
 // Row r is query token item.query_begin + r / heads_per_kv, head kv_head * heads_per_kv + r % heads_per_kv.
 KVT_INLINE int64_t row_offset(const ItemContext& c, int r, int64_t stride_token, int64_t stride_head) {
-  const int token = c.seq.first_row + c.item.query_begin + r / c.heads_per_kv;
+  const int token = c.seq.start + c.item.query_begin + r / c.heads_per_kv;
   const int head = c.item.kv_head * c.heads_per_kv + r % c.heads_per_kv;
   return token * stride_token + head * stride_head;
 }
@@ -544,7 +543,7 @@ KVT_INLINE int64_t row_offset(const ItemContext& c, int r, int64_t stride_token,
 KVT_INLINE void prepare_ranges(const ItemContext& c, const ItemScratch& s) {
   const AttentionParams& p = c.p;
   for (int r = 0; r < c.rows; ++r) {
-    const int position = c.seq.first_position + c.item.query_begin + r / c.heads_per_kv;
+    const int position = c.seq.first + c.item.query_begin + r / c.heads_per_kv;
     const int w0 = window_start(position, p.block_size, p.format.residual_length);
     s.packed_end[r] = std::min(w0, c.item.key_end);
     s.full_begin[r] = std::max(w0, c.item.key_begin);
@@ -609,7 +608,7 @@ KVT_INLINE ItemContext item_context(const AttentionParams& p, const WorkItem& it
   const PlaneLayout layout(p.format, p.head_size, elem_size(p.dtype), p.block_size);
   return {p,
           item,
-          sequence_rows(p, item.seq),
+          sequence_rows(p.seqs, item.seq),
           heads_per_kv,
           item.query_count * heads_per_kv,
           chunk_tokens(p.head_size),

@@ -29,7 +29,7 @@
 
 #include <cstdint>
 
-#include "cpu/amx_tiles.h"
+#include "cpu/common/amx_tiles.h"
 
 namespace kvtuner::cpu::prefill {
 

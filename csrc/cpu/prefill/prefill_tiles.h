@@ -2,7 +2,7 @@
 // rows, rows of the model dtype copied, and the rows rearranged into the VNNI layouts of
 // prefill_matmul.h. Included by prefill_attention.cpp inside its AVX-512 target region only.
 //
-// Dequantization follows format.dequantize: x = code * float(scale) + float(zero) in fp32.
+// Dequantization follows reference.dequantize: x = code * float(scale) + float(zero) in fp32.
 // Values are rounded to bfloat16 (round to nearest even) for the matrix units. Keys of
 // quantized planes are split into two bfloat16 rows, hi = bf16(x) and lo = bf16(x - hi), stored
 // side by side ([hi D | lo D]): a score q.hi + q.lo (q doubled to [q | q]) carries x to 16
@@ -19,7 +19,7 @@
 #include <cstdint>
 #include <cstring>
 
-#include "cpu/prefill_matmul.h"
+#include "cpu/prefill/prefill_matmul.h"
 
 namespace kvtuner::cpu::prefill {
 

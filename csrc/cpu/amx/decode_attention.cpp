@@ -1,6 +1,6 @@
 // The decode kernel on AMX (attention_isa.h: run_work_item_amx): short-query items of bfloat16
 // models whose keys and values are both packed (per-token groups or kivi keys), with the exact v2
-// semantics of format.paged_attention_ref. The vector kernel dequantizes every key and value to
+// semantics of reference.paged_attention_ref. The vector kernel dequantizes every key and value to
 // fp32 and spends its time on that and on per-row dot products; here the codes themselves are the
 // matrix operands, and the scales and zeros move to the side that is small:
 //
@@ -23,8 +23,8 @@
 // span updates the online softmax once and adds its values. No dequantized key or value is ever
 // stored. The rows' key ranges, the window's row addresses and the output are the vector
 // kernel's own code (attention_kernel.h).
-#include "cpu/attention_isa.h"
-#include "cpu/simd.h"
+#include "cpu/vector/attention_isa.h"
+#include "cpu/common/simd.h"
 
 #if defined(__x86_64__) && !defined(__clang__)
 #pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx512cd,avx512bf16,avx2,avx,fma,f16c,bmi,bmi2,lzcnt,popcnt")
@@ -34,9 +34,9 @@
 #define KVT_DECODE_AMX 1
 #endif
 
-#include "cpu/amx_tiles.h"
-#include "cpu/attention_kernel.h"
-#include "cpu/exp2_avx512.h"
+#include "cpu/common/amx_tiles.h"
+#include "cpu/vector/attention_kernel.h"
+#include "cpu/common/exp2_avx512.h"
 
 namespace kvtuner::cpu {
 

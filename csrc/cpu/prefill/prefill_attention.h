@@ -1,6 +1,6 @@
 // Prefill attention on the CPU's matrix units: the sequences of a step with many query rows
 // (prefill, chunked prefill) computed as tiles of Q.K^T and P.V on AMX (or AVX512-BF16
-// dot products), with the exact v2 semantics of format.paged_attention_ref: keys and values
+// dot products), with the exact v2 semantics of reference.paged_attention_ref: keys and values
 // older than the full-precision window come from the packed pages, dequantized tile by tile
 // into a small workspace; the window (the ring and the step's own rows) is read in the model
 // dtype; both are merged by one online softmax. Free of torch headers.
@@ -17,20 +17,17 @@
 #include <memory>
 #include <vector>
 
-#include "cpu/attention.h"
-#include "cpu/dispatch_env.h"
+#include "cpu/common/dispatch_env.h"
+#include "cpu/common/work_plan.h"
 #include "kernel_params.h"
 
 namespace kvtuner::cpu {
 
-// The best unit this CPU and OS offer (AMX needs the kernel's permission for tile data,
-// requested once).
-MatrixUnit detected_matrix_unit();
-
 // Query rows (query tokens x query heads of one KV head) from which a sequence is routed here:
-// prefill and chunks, where this kernel is 3-7x faster than the vector kernel; decodes and
-// short speculative steps stay there (measured against the vector kernel of this commit, this
-// kernel is also 1.4-2.6x faster from 3 to 12 rows: a threshold to revisit with its decode path).
+// prefill and chunks, where the matrix products pay for their tiling; decodes and short
+// speculative steps stay with the vector kernel (and the AMX decode kernel). The threshold is
+// conservative: this kernel also wins on a few rows (python -m benchmarks.kernels.attention_steps
+// compares the routes), so it is to revisit together with a decode path of its own.
 constexpr int kMinPrefillRows = 16;
 
 // One unit of parallel work: query tokens [query_begin, query_begin + query_count) of one

@@ -5,7 +5,7 @@
 // unit gets the copy of its own ISA.
 #pragma once
 
-#include "cpu/simd.h"
+#include "cpu/common/simd.h"
 
 #ifndef KVT_ISA_AVX512
 #define KVT_ISA_AVX512 0

@@ -1,13 +1,13 @@
 // The attention kernel for AVX2 CPUs (x86-64-v3: AVX2, FMA, F16C), portable vector code.
-#include "cpu/attention_isa.h"
-#include "cpu/simd.h"
+#include "cpu/vector/attention_isa.h"
+#include "cpu/common/simd.h"
 
 #if defined(__x86_64__) && !defined(__clang__)
 #pragma GCC target("avx2,avx,fma,f16c,bmi,bmi2,lzcnt,popcnt,movbe")
 #define KVT_ISA_AVX2 1
 #endif
 
-#include "cpu/attention_kernel.h"
+#include "cpu/vector/attention_kernel.h"
 
 namespace kvtuner::cpu {
 

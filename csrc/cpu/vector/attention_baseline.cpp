@@ -1,5 +1,5 @@
 // The attention kernel for any CPU the build targets (x86-64: SSE2), portable vector code.
-#include "cpu/attention_kernel.h"
+#include "cpu/vector/attention_kernel.h"
 
 namespace kvtuner::cpu {
 

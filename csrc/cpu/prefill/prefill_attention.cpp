@@ -16,7 +16,9 @@
 // Tiles that every row reads from one source with no causal cut (the bulk of a long prefill)
 // skip the masks; whole packed tiles that several items of a sequence read are filled once
 // (SharedTiles in prefill_attention.h).
-#include "cpu/prefill_attention.h"
+#include "cpu/prefill/prefill_attention.h"
+
+#include "cpu/common/matrix_unit.h"
 
 #include <algorithm>
 #include <cmath>
@@ -39,59 +41,6 @@ namespace kvtuner::cpu {
 // ---------------------------------------------------------------------------------------
 // 1. The matrix unit
 // ---------------------------------------------------------------------------------------
-
-namespace {
-
-#if defined(KVT_PREFILL_X86)
-
-uint64_t enabled_register_state() {  // XCR0: the register files the OS saves and restores
-  uint32_t eax, edx;
-  asm volatile("xgetbv" : "=a"(eax), "=d"(edx) : "c"(0));
-  return (uint64_t(edx) << 32) | eax;
-}
-
-// AMX tile data is off for a process until it asks the kernel (Linux >= 5.16; elsewhere we
-// leave AMX alone).
-bool request_amx_permission() {
-#if defined(__linux__)
-  constexpr long kArchRequestXcompPerm = 0x1023;
-  constexpr long kXfeatureTileData = 18;
-  return syscall(SYS_arch_prctl, kArchRequestXcompPerm, kXfeatureTileData) == 0;
-#else
-  return false;
-#endif
-}
-
-MatrixUnit detect_matrix_unit() {
-  unsigned a, b, c, d;
-  if (!__get_cpuid(1, &a, &b, &c, &d)) return MatrixUnit::kNone;
-  const bool osxsave = c & (1u << 27), fma = c & (1u << 12), f16c = c & (1u << 29);
-  if (!osxsave || !fma || !f16c) return MatrixUnit::kNone;
-  const uint64_t xcr0 = enabled_register_state();
-  constexpr uint64_t kAvx512State = 0xe6;  // SSE, AVX, opmask, upper ZMM halves, ZMM16-31
-  constexpr uint64_t kTileState = 0x60000;  // TILECFG, TILEDATA
-  if ((xcr0 & kAvx512State) != kAvx512State) return MatrixUnit::kNone;
-  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return MatrixUnit::kNone;
-  const bool avx512 = (b & (1u << 16)) && (b & (1u << 17)) && (b & (1u << 30)) && (b & (1u << 31));
-  const bool amx = (d & (1u << 22)) && (d & (1u << 24));
-  unsigned a1, b1, c1, d1;
-  if (!avx512 || !__get_cpuid_count(7, 1, &a1, &b1, &c1, &d1) || !(a1 & (1u << 5))) return MatrixUnit::kNone;
-  if (amx && (xcr0 & kTileState) == kTileState && request_amx_permission()) return MatrixUnit::kAmx;
-  return MatrixUnit::kAvx512Bf16;
-}
-
-#else
-
-MatrixUnit detect_matrix_unit() { return MatrixUnit::kNone; }
-
-#endif
-
-}  // namespace
-
-MatrixUnit detected_matrix_unit() {
-  static const MatrixUnit detected = detect_matrix_unit();
-  return detected;
-}
 
 // ---------------------------------------------------------------------------------------
 // Per-thread workspace (allocated by default-target code, used by the kernel)
@@ -201,9 +150,9 @@ Workspace thread_workspace(int rows, int head_size) {
 #endif
 #define KVT_PREFILL_TARGET_REGION 1
 
-#include "cpu/exp2_avx512.h"
-#include "cpu/prefill_matmul.h"
-#include "cpu/prefill_tiles.h"
+#include "cpu/common/exp2_avx512.h"
+#include "cpu/prefill/prefill_matmul.h"
+#include "cpu/prefill/prefill_tiles.h"
 
 namespace kvtuner::cpu::prefill {
 namespace {

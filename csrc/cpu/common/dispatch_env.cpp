@@ -1,6 +1,6 @@
 // dispatch_env.h: each variable is a table of accepted names (or a positive integer), parsed by
 // the two functions below, which alone decide what "unset" and "invalid" mean.
-#include "cpu/dispatch_env.h"
+#include "cpu/common/dispatch_env.h"
 
 #include <cerrno>
 #include <climits>
