@@ -39,9 +39,9 @@ MAPS = {
 # the ratio far above 2.
 THRESHOLDS = {"kv8": (0.9, 0.08, 1.02), "kivi-kv4": (0.6, 0.2, 1.05)}
 # Decode vs prefill of one cache on identical tokens: mean |delta logprob| allowed over auto's own (nats).
-# Measured on an AMD EPYC host (AVX-512 vector decode, AVX512-BF16 prefill), 78 tokens: auto 0.020, kv8
-# +0.001, kivi-kv4 +0.005 (a packed code that rounding flips moves a log-prob more than bf16 does); the
-# margin leaves room for the AMX decode kernel's own rounding (Intel hosts, not measured here).
+# Measured on an AMD EPYC host (AVX-512 vector decode, AVX512-BF16 prefill), the first two prompts x 40
+# tokens: auto 0.020, kv8 +0.001, kivi-kv4 +0.005 (a packed code that rounding flips moves a log-prob more
+# than bf16 does); the margin leaves room for the AMX decode kernel's own rounding (Intel, not measured).
 DECODE_PREFILL_MARGIN = 0.02
 
 
