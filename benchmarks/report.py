@@ -63,13 +63,6 @@ def quality_section(result: dict) -> list[str]:
     ]
 
 
-def turn_ratio_quartiles(times: list[float], base: list[float]) -> tuple[float, float, float]:
-    """(median, 25th, 75th percentile) of the per-turn speedups base / time: with 30 turns the middle half
-    says what a turn gives, where the extremes are single turns that another process interrupted."""
-    low, median, high = statistics.quantiles([b / t for b, t in zip(base, times, strict=True)], n=4)
-    return median, low, high
-
-
 def kernel_section(result: dict) -> list[str]:
     rows, s, machine = result["rows"], result["settings"], result["machine"]
     steps = list(dict.fromkeys(r["step"] for r in rows))
@@ -97,8 +90,7 @@ def kernel_section(result: dict) -> list[str]:
             row = [kernel, f"{cells[steps[0]]['kv_bytes_per_token']:,}"]
             for step in steps:
                 r = cells[step]
-                base = next(b for b in rows if (b["shape"], b["step"], b["kernel"]) == (shape, step, "vLLM bf16"))
-                speedup = ratio_cell(*turn_ratio_quartiles(r["times_ms"], base["times_ms"]))
+                speedup = ratio_cell(r["speedup_vs_vllm_bf16"], *r["speedup_iqr"])
                 row.append(f"{r['time_ms']:.2f} ({speedup})"
                            + (f", {r['gb_per_s']:.1f} GB/s" if step.startswith("decode") else ""))
             routes = list(dict.fromkeys(cells[step]["isa"] for step in steps))

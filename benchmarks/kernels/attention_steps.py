@@ -16,8 +16,9 @@ requesting their permission as vLLM's worker does) in bf16 and in its fp8 cache;
 bit pairs of the bundled maps, and KV16 (our own 16-bit kernel) as the control row that
 separates the kernel from the bytes; KV4 also with the AMX decode kernel off (the vector kernel
 on the same pages). Every kernel is called once per turn, back to back, so that other load hits
-all alike; a speedup is the median of the per-turn ratios to vLLM bf16, with their range, and a
-time the median over the turns. Decode rows also give the bytes of the pages read per second.
+all alike; a speedup is the median of the per-turn ratios to vLLM bf16, with their interquartile
+range, and a time the median over the turns (every turn's time is kept). Decode rows also give the
+bytes of the pages read per second.
 Writes benchmarks/results/attention_steps[_quick].json and a PNG.
 """
 
@@ -251,9 +252,11 @@ def turn_times(functions: dict, repeats: int, budget_s: float, before=None) -> d
 
 
 def paired_speedup(baseline: list[float], times: list[float]) -> tuple[float, list[float]]:
-    """Median and [min, max] of the per-turn speedups baseline / time (the same turn's two calls)."""
-    ratios = [b / t for b, t in zip(baseline, times, strict=True)]
-    return statistics.median(ratios), [min(ratios), max(ratios)]
+    """Median and [25th, 75th percentile] of the per-turn speedups baseline / time (the same turn's two
+    calls): the middle half says what a turn gives, where the extremes are single turns that another
+    process interrupted."""
+    low, median, high = statistics.quantiles([b / t for b, t in zip(baseline, times, strict=True)], n=4)
+    return median, [low, high]
 
 
 def run_step(step: Step, shape: str, repeats: int, budget_s: float) -> list[dict]:
@@ -269,10 +272,10 @@ def run_step(step: Step, shape: str, repeats: int, budget_s: float) -> list[dict
     rows = []
     for name, turns in times.items():
         median_s = statistics.median(turns)
-        speedup, speedup_range = paired_speedup(times["vLLM bf16"], turns)
+        speedup, speedup_iqr = paired_speedup(times["vLLM bf16"], turns)
         rows.append({"step": step.name, "shape": shape, "kernel": name, "isa": kernels[name].isa,
                      "time_ms": median_s * 1e3, "times_ms": [t * 1e3 for t in turns],
-                     "speedup_vs_vllm_bf16": speedup, "speedup_range": speedup_range,
+                     "speedup_vs_vllm_bf16": speedup, "speedup_iqr": speedup_iqr,
                      "kv_bytes_per_token": kernels[name].bytes_per_token,
                      "gb_per_s": tokens_read * kernels[name].bytes_per_token / median_s / 1e9})
     return rows
