@@ -10,7 +10,7 @@ import sys
 import time
 
 STEPS = ("benchmarks.kernels.attention_steps", "benchmarks.serving.run", "benchmarks.serving.step_profile",
-         "benchmarks.quality")
+         "benchmarks.quality", "benchmarks.decode_path")
 
 
 def run(quick: bool) -> None:

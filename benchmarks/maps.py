@@ -28,20 +28,32 @@ class KVConfig:
     avg_bits: float = 16.0
 
 
-def write_benchmark_maps(model_dir: str, out: Path) -> list[KVConfig]:
-    """auto, fp8, a uniform map per variant and pair, and each recorded calibration run's map."""
-    out.mkdir(parents=True, exist_ok=True)
+def uniform_config(model_dir: str, out: Path, key_bits: int, value_bits: int, options: dict, group_size: int,
+                   variant: str = "v2 kivi") -> KVConfig:
+    """A uniform map for the model, written into `out`, named '<variant> <pair>' as in the quality table."""
     model = Path(model_dir).name
     layers = json.loads((Path(model_dir) / "config.json").read_text())["num_hidden_layers"]
-    configs = [KVConfig("auto", "auto"), KVConfig("fp8 (vLLM)", "fp8", avg_bits=8.0)]
-    for variant, (group_size, options, pairs) in VARIANTS.items():
-        for k, v in pairs:
-            pmap = PrecisionMap.uniform(layers, k, v, group_size, model=model, **options)
-            label = LayerPrecision(key_bits=k, value_bits=v).label
-            path = out / f"uniform_{variant.replace(' ', '_')}_{label}.json"
-            pmap.save(path)
-            configs.append(KVConfig(f"{variant} {label}", "kvtuner", str(path), pmap.avg_bits))
+    pmap = PrecisionMap.uniform(layers, key_bits, value_bits, group_size, model=model, **options)
+    label = LayerPrecision(key_bits=key_bits, value_bits=value_bits).label
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"uniform_{variant.replace(' ', '_')}_{label}.json"
+    pmap.save(path)
+    return KVConfig(f"{variant} {label}", "kvtuner", str(path), pmap.avg_bits)
+
+
+def calibrated_configs(model_dir: str) -> list[KVConfig]:
+    """Each recorded calibration run's map for this model (benchmarks/calibration/*/precision_map.json)."""
+    configs = []
     for run_map in sorted(CALIBRATION_RUNS.glob("*/precision_map.json")):
         pmap = PrecisionMap.load(run_map)
-        configs.append(KVConfig(f"KVTuner {pmap.avg_bits:.2f}b", "kvtuner", str(run_map), pmap.avg_bits))
+        if pmap.model == Path(model_dir).name:
+            configs.append(KVConfig(f"KVTuner {pmap.avg_bits:.2f}b", "kvtuner", str(run_map), pmap.avg_bits))
     return configs
+
+
+def write_benchmark_maps(model_dir: str, out: Path) -> list[KVConfig]:
+    """auto, fp8, a uniform map per variant and pair, and each recorded calibration run's map for this model."""
+    configs = [KVConfig("auto", "auto"), KVConfig("fp8 (vLLM)", "fp8", avg_bits=8.0)]
+    for variant, (group_size, options, pairs) in VARIANTS.items():
+        configs += [uniform_config(model_dir, out, k, v, options, group_size, variant) for k, v in pairs]
+    return configs + calibrated_configs(model_dir)

@@ -1,7 +1,8 @@
 """Quality of what the server computes: vLLM with each KV cache configuration, same model.
 
 Every configuration runs in its own process through vLLM's engine (`vllm.LLM`, the engine
-`vllm serve` wraps, with our backend for kvtuner) on SmolLM2-135M-Instruct:
+`vllm serve` wraps, with our backend for kvtuner) on a bundled model (SmolLM2-135M-Instruct by
+default, `--bundled qwen2.5-coder-1.5b`) or any `--model` folder:
 
 - teacher-forced log-probs (`prompt_logprobs`) over held-out text windows: perplexity,
   top-1 agreement with `auto`, and KL(auto || config) over auto's top-k tokens. The
@@ -10,6 +11,7 @@ Every configuration runs in its own process through vLLM's engine (`vllm.LLM`, t
   packed cache (kvtuner_vllm/format.py, "Attention semantics"); vLLM's CPU attention
   likewise reads its fp8 cache during prefill.
 - greedy continuations of prompts: token agreement with `auto` (matching prefix length).
+  The decode path over long contexts has its own benchmark (benchmarks/decode_path.py).
 - answers to a small offline question set with known answers.
 - KV capacity in tokens from the engine's own accounting, at the same KV memory.
 
@@ -22,7 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
+import shlex
 import subprocess
 import sys
 import time
@@ -31,7 +33,7 @@ from pathlib import Path
 
 from benchmarks.common import RESULTS_DIR, machine_info, write_json
 from benchmarks.maps import KVConfig, write_benchmark_maps
-from benchmarks.server import capacity_tokens
+from benchmarks.server import capacity_tokens, server_env
 
 HELDOUT_FILES = ("GPL-3", "Apache-2.0", "MPL-2.0", "LGPL-2.1")
 LICENSES = Path("/usr/share/common-licenses")
@@ -220,15 +222,22 @@ def _run_in_subprocess(model_dir: str, config: KVConfig, settings: Settings, out
     cmd = [sys.executable, "-m", "benchmarks.quality", "--one", json.dumps(asdict(config)),
            "--model", model_dir, "--settings", json.dumps(asdict(settings)), "--out", str(out)]
     log = subprocess.run(cmd, check=True, capture_output=True, text=True,
-                         env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(settings.kv_space_gib)})
+                         env=server_env(VLLM_CPU_KVCACHE_SPACE=str(settings.kv_space_gib)))
     run = json.loads(out.read_text())
     run["kv_capacity_tokens"] = capacity_tokens(log.stdout + log.stderr)
     return run
 
 
 def main(argv: list[str] | None = None) -> None:
+    from kvtuner_vllm import bundled_models
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="HF model folder (default: the bundled SmolLM2-135M-Instruct)")
+    parser.add_argument("--bundled", default="smollm2", choices=sorted(bundled_models.MODELS),
+                        help="the bundled model to measure (default smollm2)")
+    parser.add_argument("--model", help="an HF model folder instead of a bundled model")
+    parser.add_argument("--configs", nargs="+", metavar="NAME",
+                        help="only these configurations (names as in the table, e.g. 'fp8 (vLLM)' 'v2 KV4'); auto "
+                        "and the model's calibrated maps (KVTuner rows) always run")
     parser.add_argument("--quick", action="store_true", help="fewer windows and tokens (<= 10 min on 2 cores)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--settings", help=argparse.SUPPRESS)
@@ -240,23 +249,30 @@ def main(argv: list[str] | None = None) -> None:
         Path(args.out).write_text(json.dumps(result))
         return
 
-    from kvtuner_vllm import smollm2
-
-    model_dir = args.model or str(smollm2.materialize())
+    model_dir = args.model or str(bundled_models.materialize(args.bundled))
+    model = Path(model_dir).name
     settings = QUICK if args.quick else FULL
-    work = RESULTS_DIR / "quality_runs"
+    work = RESULTS_DIR / "quality_runs" / model
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    configs = write_benchmark_maps(model_dir, work / "maps")
+    if args.configs:
+        unknown = sorted(set(args.configs) - {c.name for c in configs})
+        if unknown:
+            raise SystemExit(f"--configs: unknown {unknown}; known: {[c.name for c in configs]}")
+        configs = [c for c in configs if c.name == "auto" or c.name.startswith("KVTuner") or c.name in args.configs]
     runs = []
-    for config in write_benchmark_maps(model_dir, work / "maps"):
+    for config in configs:
         print(f"[quality] {config.name} ...", flush=True)
         runs.append(_run_in_subprocess(model_dir, config, settings, work / f"{config.name.replace(' ', '_')}.json"))
     rows = summarize(runs)
-    result = {"machine": machine_info(), "settings": asdict(settings), "model": Path(model_dir).name,
-              "wall_seconds": time.perf_counter() - started, "rows": rows,
-              "command": "python -m benchmarks.quality" + (" --quick" if args.quick else "")}
-    path = write_json("quality", result)
-    plot(rows, path.with_suffix(".png"))
+    command = " ".join(["python -m benchmarks.quality", *(["--quick"] if args.quick else []),
+                        *([f"--bundled {args.bundled}"] if not args.model and args.bundled != "smollm2" else []),
+                        *(["--configs", *(shlex.quote(c) for c in args.configs)] if args.configs else [])])
+    result = {"machine": machine_info(), "settings": asdict(settings), "model": model,
+              "wall_seconds": time.perf_counter() - started, "rows": rows, "command": command}
+    path = write_json(f"quality-{model}", result)
+    plot(rows, path.with_suffix(".png"), model)
     print(json.dumps(rows, indent=2))
 
 
@@ -270,7 +286,7 @@ def _family(name: str) -> str:
     return name.rsplit(" ", 1)[0] if name.startswith("v") else name
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, model: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -294,7 +310,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle("SmolLM2-135M-Instruct served by vLLM: quality vs KV bits "
+    fig.suptitle(f"{model} served by vLLM: quality vs KV bits "
                  "(v1: no window; v2: 32-position window, G64; v2 kivi, KVTuner: kivi keys, G32, 64-position window)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -41,11 +41,11 @@ def quality_section(result: dict) -> list[str]:
         for r in result["rows"]
     ]
     s = result["settings"]
-    return [
-        "### Quality and capacity, served by vLLM",
+    lines = [
+        f"### Quality and capacity, served by vLLM: {result['model']}",
         "",
         f"`{result['command']}` on {machine_text(result['machine'])}, "
-        f"{result['model']}, {result['created']}, "
+        f"{result['created']}, "
         f"{result['wall_seconds'] / 60:.1f} min. Teacher-forced over {s['windows']} held-out windows of "
         f"{s['window_tokens']} tokens (Debian licence texts, never seen by calibration): perplexity, KL to `auto` "
         "over auto's top-20 tokens (a lower bound), top-1 agreement; greedy agreement = matching prefix of "
@@ -58,9 +58,57 @@ def quality_section(result: dict) -> list[str]:
         "",
         *_table(["KV cache", "avg bits", "PPL", "KL", "top-1", "greedy", "QA", "KV tokens", "vs auto"], rows),
         "",
-        "![quality vs bits](benchmarks/results/quality.png)",
+    ]
+    stem = f"quality-{result['model']}"
+    return lines + [f"![quality vs bits](benchmarks/results/{stem}.png)", ""]
+
+
+def decode_section(result: dict) -> list[str]:
+    """The decode path: each configuration's greedy continuations as auto sees them, and its own decode vs prefill."""
+    auto = next(r for r in result["rows"] if r["name"] == "auto")
+    rows = [[r["name"], f"{r['decode_top1_vs_auto']:.3f}", f"{r['decode_regret']:.4f}",
+             f"{r['decode_vs_prefill_mean']:.4f}", f"{r['decode_vs_prefill_p99']:.4f}",
+             f"{r['decode_vs_prefill_mean'] - auto['decode_vs_prefill_mean']:+.4f}"] for r in result["rows"]]
+    return [
+        f"### The decode path, served by vLLM: {result['model']}",
+        "",
+        f"`{result['command']}` on {machine_text(result['machine'])}, {result['created']}, "
+        f"{result['wall_seconds'] / 60:.1f} min: {result['prompts']} prompts of {result['context']} held-out tokens "
+        f"(the quality benchmark's texts), {result['tokens']} greedy tokens each ({auto['decode_tokens']} in all). "
+        "top-1 = how often the token the configuration decoded is auto's first choice when auto is teacher-forced "
+        "on the same tokens; regret = auto's best log-prob minus that of the decoded token (nats, mean); decode vs "
+        "prefill = |log-prob of each decoded token when decoded - when the same tokens are sent back as a prompt| "
+        "through the same cache (mean, p99), which differ only by rounding; the last column is that mean minus "
+        "auto's own.",
+        "",
+        *_table(["KV cache", "decode top-1 vs auto", "regret", "decode vs prefill mean", "p99", "mean - auto's"],
+                rows),
         "",
     ]
+
+
+def passkey_section(result: dict) -> list[str]:
+    lengths = list(result["rows"][0]["by_length"])
+    rows = [[r["name"], f"{r['avg_bits']:.2f}",
+             *(f"{v['found']}/{v['total']} ({v['seconds_mean']:.0f} s)" for v in r["by_length"].values())]
+            for r in result["rows"]]
+    return [
+        f"### Passkey retrieval, served by vLLM: {result['model']}",
+        "",
+        f"`{result['command']}` on {machine_text(result['machine'])}, {result['created']}, "
+        f"{result['wall_seconds'] / 60:.0f} min: a 5-digit key hidden at "
+        f"{', '.join(f'{d:.0%}' for d in result['depths'])} of filler text, greedy answer, exact match; keys found "
+        "of keys hidden (mean seconds per prompt: prefill plus 8 answer tokens, one prompt at a time, no prefix "
+        f"caching, {result['kv_space_gib']} GiB of KV cache).",
+        "",
+        *_table(["KV cache", "avg bits", *(f"{int(n) // 1024}k tokens" for n in lengths)], rows),
+        "",
+    ]
+
+
+def _each(prefix: str) -> list[dict]:
+    """Every results file named <prefix>-<model>.json."""
+    return [json.loads(path.read_text()) for path in sorted(RESULTS_DIR.glob(f"{prefix}-*.json"))]
 
 
 def kernel_section(result: dict) -> list[str]:
@@ -171,7 +219,8 @@ def serving_section(result: dict) -> list[str]:
                          "TPOT p50/p99 ms", "KV tokens"], rows),
                 "",
             ]
-    stem = "serving-cpu-quick" if result.get("quick") else "serving-cpu"
+    tag = "" if result["model"] == "SmolLM2-135M-Instruct" else f"-{result['model']}"
+    stem = f"serving-{result['device']}{tag}{'-quick' if result.get('quick') else ''}"
     return lines + [f"![serving](benchmarks/results/{stem}.png)", ""]
 
 
@@ -232,12 +281,24 @@ def _pairs_text(layers: list[dict]) -> str:
                      for name, count in counts.items())
 
 
+def _option_text(pmap: dict) -> str:
+    """'kivi Gt32 G32 R64' or 'per-token G64 R32', as the calibration reports name the format options."""
+    keys = f"kivi Gt{pmap['key_group_size']}" if pmap["scheme"] == "kivi" else "per-token"
+    return f"{keys} G{pmap['group_size']} R{pmap['residual_length']}"
+
+
 def _ppl_delta(ppl: float, unquantized: float) -> str:
     return f"{(ppl / unquantized - 1) * 100:+.2f}%"
 
 
+def calibration_sections(maps: list[dict]) -> list[str]:
+    """One calibration_section per model."""
+    models = sorted({m["model"] for m in maps})
+    return [line for model in models for line in calibration_section([m for m in maps if m["model"] == model])]
+
+
 def calibration_section(maps: list[dict]) -> list[str]:
-    """The calibrated SmolLM2 maps on the report text, against the best uniform maps at equal bits and bytes."""
+    """A model's calibrated maps on the report text, against the best uniform maps at equal bits and bytes."""
     rows = []
     for m in maps:
         c = m["calibration"]
@@ -245,7 +306,8 @@ def calibration_section(maps: list[dict]) -> list[str]:
         bits, size = uniform["equal_bits"], uniform["equal_bytes"]
         same = bits["map"] == size["map"]
         rows.append([
-            f"{c['budget']:g}", _pairs_text(m["layers"]), f"{c['avg_bits']:.2f}", str(c["bytes_per_token"]),
+            f"{c['budget']:g}", f"{_option_text(m)}: {_pairs_text(m['layers'])}", f"{c['avg_bits']:.2f}",
+            str(c["bytes_per_token"]),
             f"{c['capacity_vs_unquantized']:.2f}x", f"**{report['kl']:.5f}**",
             _ppl_delta(report["ppl"], report["ppl_unquantized"]),
             f"{bits['map']}: {bits['kl']:.5f}, {_ppl_delta(bits['ppl'], report['ppl_unquantized'])}",
@@ -255,10 +317,14 @@ def calibration_section(maps: list[dict]) -> list[str]:
     first = maps[0]["calibration"]
     tokens, ranges = first["tokens"], first["text_ranges"]
     text = " + ".join(first["text"])
-    option = f"{maps[0]['scheme']}, key groups of {maps[0]['key_group_size']}, groups of {maps[0]['group_size']}, " \
-             f"window {maps[0]['residual_length']}"
+    products = first.get("matmul_dtype", first["compute_dtype"])
+    compute = f"forward passes in {first['compute_dtype']}" + (
+        f" (the search and the choice with the decoder's matrix products in {products}, the table's numbers with "
+        f"every product in {first['compute_dtype']})" if products != first["compute_dtype"] else "")
     return [
-        f"`kvtuner-calibrate MODEL_DIR --budget B` on {maps[0]['model']}, {first['compute_dtype']} forward passes "
+        f"#### {maps[0]['model']}",
+        "",
+        f"`kvtuner-calibrate MODEL_DIR --budget B` on {maps[0]['model']}, {compute} "
         f"(files in `benchmarks/calibration/`). `{text}` is cut into three disjoint ranges: the search scores maps "
         f"on {tokens['calibration']} calibration tokens ({ranges['calibration'][0]:.0%}-"
         f"{ranges['calibration'][1]:.0%} of the text), the map is chosen on {tokens['selection']} selection tokens "
@@ -269,7 +335,7 @@ def calibration_section(maps: list[dict]) -> list[str]:
         "The best uniform maps are chosen like the map (on the selection text, among the uniform maps of every "
         "format option) with no more average bits, and with no more KV bytes per token, than the chosen map.",
         "",
-        *_table(["budget", f"chosen map ({option})", "bits", "KV B/token", "capacity", "KL", "PPL",
+        *_table(["budget", "chosen map (format: pairs)", "bits", "KV B/token", "capacity", "KL", "PPL",
                  "best uniform map at <= its bits: KL, PPL", "at <= its bytes/token"], rows),
         "",
     ]
@@ -283,8 +349,13 @@ def _calibrated_maps() -> list[dict]:
 
 def render() -> str:
     sections = []
+    for result in _each("quality"):
+        sections += quality_section(result)
+    for result in _each("decode"):
+        sections += decode_section(result)
+    for result in _each("passkey"):
+        sections += passkey_section(result)
     for names, render_section in (
-        (("quality",), quality_section),
         (("serving-cpu", "serving-cpu-quick"), serving_section),
         (("step_profile",), step_profile_section),
         (("attention_steps", "attention_steps_quick"), kernel_section),
@@ -293,6 +364,10 @@ def render() -> str:
         result = _load(*names)
         if result is not None:
             sections += render_section(result)
+        if names[0] == "serving-cpu":  # the other models' serving runs, beside SmolLM2's
+            for other in _each("serving-cpu"):
+                if other["model"] != "SmolLM2-135M-Instruct" and not other.get("quick"):
+                    sections += serving_section(other)
     return "\n".join(sections).rstrip() + "\n"
 
 
@@ -306,7 +381,7 @@ def _replace_between(text: str, begin: str, end: str, body: str) -> str:
 def with_results(readme: str) -> str:
     """The README text with its generated sections rendered anew from the results files."""
     readme = _replace_between(readme, BEGIN, END, render())
-    calibration = "\n".join(calibration_section(_calibrated_maps())).rstrip() + "\n"
+    calibration = "\n".join(calibration_sections(_calibrated_maps())).rstrip() + "\n"
     return _replace_between(readme, CALIBRATION_BEGIN, CALIBRATION_END, calibration)
 
 

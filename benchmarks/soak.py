@@ -158,7 +158,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.model is None:
-        from kvtuner_vllm.smollm2 import materialize
+        from kvtuner_vllm.bundled_models import materialize
 
         args.model = materialize()
     num_layers = json.loads((args.model / "config.json").read_text())["num_hidden_layers"]

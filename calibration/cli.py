@@ -73,6 +73,10 @@ def calibrate_parser() -> argparse.ArgumentParser:
     mach.add_argument("--device", default=d.device, choices=["cpu", "cuda"])
     mach.add_argument("--dtype", default=d.dtype, choices=["bfloat16", "float16", "float32"],
                       help="dtype of the forward passes (default float32: bf16 rounding noise would swamp small KLs)")
+    mach.add_argument("--matmul-dtype", default=d.matmul_dtype, choices=["auto", "bfloat16", "float16", "float32"],
+                      help="dtype of the decoder layers' matrix products (default auto: bfloat16 for a bfloat16 "
+                      "checkpoint, whose weights it holds exactly, ~2.7x faster on AVX512-BF16 CPUs; the residual "
+                      "stream, attention and the vocabulary projection stay in --dtype)")
     mach.add_argument("--batch-size", type=int, default=d.batch_size)
     mach.add_argument("--state-mb", type=int, default=d.state_mb, help="memory for hidden states kept by map prefix")
     mach.add_argument("--threads", type=int, default=None, help="CPU threads (default: cores not busy with other work)")

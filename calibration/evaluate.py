@@ -11,6 +11,7 @@ Evaluations are the search's unit of cost, so two things make them cheap:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections import OrderedDict
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from calibration import capture, simulate
+from calibration import model as model_io
 from calibration.common import Candidate
 
 POSITIONS_PER_STEP = 64  # logits of 64 positions x 2 windows x 50k tokens: under glibc's 32 MB mmap threshold
@@ -60,14 +62,14 @@ class Reference:
 
 class ScoreStore:
     """Scores by map key in a JSON-lines file: appended one line per new score (a kill loses at most
-    the map being scored), read back whole on start."""
+    the map being scored), read back whole on start. No file (path None): kept in memory only."""
 
     UNQUANTIZED = "unquantized"
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path | None):
         self.path = path
         self.scores: dict[str, Scores] = {}
-        if path.exists():
+        if path is not None and path.exists():
             for line in path.read_text().splitlines():
                 if line.strip():
                     record = json.loads(line)
@@ -81,6 +83,8 @@ class ScoreStore:
 
     def add(self, key: str, scores: Scores) -> None:
         self.scores[key] = scores
+        if self.path is None:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as handle:
             handle.write(json.dumps({"key": key, **asdict(scores)}) + "\n")
@@ -117,11 +121,13 @@ class PrefixStates:
 
 
 class Evaluator:
-    """Scores maps on fixed windows against the unquantized reference (computed on first need)."""
+    """Scores maps on fixed windows against the unquantized reference (computed on first need). `exact`: with the
+    model's products in its compute dtype (model.exact_products), for numbers a report states."""
 
     def __init__(self, model, windows: torch.Tensor, block_size: int, batch_size: int, store: ScoreStore,
-                 dtype: torch.dtype, state_bytes: int = 1 << 30, desc: str = "score maps"):
+                 dtype: torch.dtype, state_bytes: int = 1 << 30, desc: str = "score maps", exact: bool = False):
         self.model, self.block_size, self.store, self.dtype, self.desc = model, block_size, store, dtype, desc
+        self.exact = exact
         self.batches = list(windows.split(batch_size))
         self.tokens = int(windows[:, 1:].numel())
         self.states = PrefixStates(state_bytes)
@@ -129,10 +135,17 @@ class Evaluator:
         self._references: list[Reference] = []
         self.computed = 0
 
+    def _products(self):
+        return model_io.exact_products(self.model) if self.exact else contextlib.nullcontext()
+
     def _prepare(self) -> None:
         """The reference pass: each batch's layer inputs (to start from layer 0) and its distribution."""
         if self._replays is not None:
             return
+        with self._products():
+            self._reference_pass()
+
+    def _reference_pass(self) -> None:
         self._replays = [capture.capture_replay(self.model, batch, self.block_size) for batch in self.batches]
         hidden = []
         with simulate.served(self.model, capture.unquantized_formats(self.model), self.block_size), \
@@ -177,7 +190,7 @@ class Evaluator:
             self._prepare()
             head_size = simulate.attention_modules(self.model)[0].head_dim
             formats = candidate.layer_formats(head_size, self.dtype)
-            with torch.inference_mode():
+            with torch.inference_mode(), self._products():
                 hidden = [self._last_hidden(i, candidate, formats) for i in range(len(self.batches))]
                 self.store.add(candidate.key, self._score(hidden))
             self.computed += 1

@@ -41,6 +41,7 @@ class Options:
     # Machine
     device: str = "cpu"
     dtype: str | None = "float32"  # compute dtype; float32 keeps bf16 rounding noise out of the KL
+    matmul_dtype: str = "auto"  # the decoder layers' products: bf16 for a bf16 checkpoint (calibration.model)
     batch_size: int = 2
     state_mb: int = 1024  # memory for hidden states kept by map prefix (evaluate.PrefixStates)
     threads: int | None = None  # CPU threads; None: the cores not already busy (see cpu_threads)

@@ -30,19 +30,40 @@ from calibration.common import (
 )
 from calibration.evaluate import Evaluator, ScoreStore
 from calibration.options import Options, check_options
+from kvtuner_vllm import map_estimate
 
 COSTS = [pair_cost(p) for p in SEARCH_PAIRS]
 BASELINE_SHORTLIST = 2  # uniform maps per limit, predicted best by the surrogate, scored to find a uniform baseline
 
 
-def cpu_threads() -> int:
-    """Threads for torch on CPU: the cores other processes leave idle (1-minute load average), at least 1.
+def cpu_times() -> tuple[int, int]:
+    """(busy, total) jiffies of all cores since boot, from /proc/stat's first line (idle and iowait are not busy)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return sum(fields) - fields[3] - fields[4], sum(fields)
 
-    Why: torch's OpenMP workers spin-wait at every parallel region; on oversubscribed cores a 2-thread
-    forward measured 5x slower than a 1-thread one (SmolLM2, 2 shared cores, load 7).
+
+def busy_cores(interval: float = 0.5) -> float:
+    """Cores other processes keep busy now: the non-idle share of /proc/stat's time over `interval` seconds, in
+    cores (0 where /proc/stat is missing). Sampled now rather than the 1-minute load average, which still counts
+    a minute of finished work (a conversion or a build just before the run) and would cost the whole run a
+    thread."""
+    try:
+        busy0, total0 = cpu_times()
+        time.sleep(interval)
+        busy1, total1 = cpu_times()
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return os.cpu_count() * (busy1 - busy0) / max(1, total1 - total0)
+
+
+def cpu_threads() -> int:
+    """Threads for torch on CPU: the cores other processes leave idle now, at least 1.
+
+    Why not always every core: torch's OpenMP workers spin-wait at every parallel region; on oversubscribed
+    cores a 2-thread forward measured 5x slower than a 1-thread one (SmolLM2, 2 shared cores, load 7).
     """
     cores = len(os.sched_getaffinity(0))
-    return max(1, min(cores, round(cores - os.getloadavg()[0])))
+    return max(1, min(cores, round(cores - busy_cores())))
 
 
 def reuse_freed_memory() -> None:
@@ -112,15 +133,17 @@ class Run:
         if opts.device == "cpu":
             torch.set_num_threads(opts.threads or cpu_threads())
             _log(f"CPU threads: {torch.get_num_threads()}")
-        tokenizer, info = model_io.inspect(opts.model_dir, opts.dtype)
+        tokenizer, info = model_io.inspect(opts.model_dir, opts.dtype, opts.matmul_dtype)
         options = format_options(info.head_dim, opts.block_size, opts.schemes, opts.group_sizes, opts.windows,
                                  opts.key_group_sizes)
         self.geometry = Geometry(info.head_dim, info.num_kv_heads, info.dtype)
         split = data.split_tokens(tokenizer, data.load_text(opts.text), opts.tokens, opts.selection_tokens,
                                   opts.report_tokens, opts.seq_len, opts.seed)
         model = clock("load model", lambda: model_io.load_model(opts.model_dir, info, opts.device))
+        products = f" with {info.matmul_dtype} products" if info.matmul_dtype else ""
         _log(f"model {info.name}: {info.num_layers} layers, {info.num_kv_heads} KV heads, head size {info.head_dim}, "
-             f"served in {info.dtype}, calibrated in {info.compute_dtype}; {split.calibration.numel()} calibration, "
+             f"served in {info.dtype}, calibrated in {info.compute_dtype}{products}; "
+             f"{split.calibration.numel()} calibration, "
              f"{split.selection.numel()} selection and {split.report.numel()} report tokens; {len(options)} format "
              "options")
         calibration_key = self._evaluators(model, split, info)
@@ -170,17 +193,24 @@ class Run:
 
     def _evaluators(self, model, split: data.TokenSplit, info: model_io.ModelInfo) -> str:
         """The calibration, selection and report evaluators, each with its score store keyed by what its windows and
-        scores depend on (so another --report-tokens keeps the search's scores); returns the calibration key."""
+        scores depend on (so another --report-tokens keeps the search's scores); returns the calibration key. The
+        search and the choice multiply in --matmul-dtype; the report's numbers are measured with every product in
+        the compute dtype (model.exact_products), so what it states does not depend on the fast products."""
         opts = self.opts
-        common = digest(self._model_key(), self._text_key(), data.RANGES, opts.seq_len, opts.device,
-                        str(info.compute_dtype), opts.block_size)
-        keys = {"calibration": digest(common, opts.tokens, opts.seed),
-                "selection": digest(common, opts.selection_tokens), "report": digest(common, opts.report_tokens)}
+
+        def common(products: torch.dtype | None) -> str:
+            return digest(map_estimate.model_key(opts.model_dir), self._text_key(), data.RANGES, opts.seq_len,
+                          opts.device, str(info.compute_dtype), str(products), opts.block_size)
+
+        fast = common(info.matmul_dtype)
+        keys = {"calibration": digest(fast, opts.tokens, opts.seed), "selection": digest(fast, opts.selection_tokens),
+                "report": digest(common(None), opts.report_tokens)}
         for name, key in keys.items():
             store = ScoreStore(self.cache_dir / f"scores-{name}-{key}.jsonl")
             state_bytes = opts.state_mb << (20 if name == "calibration" else 18)  # the search reuses prefixes most
             setattr(self, name, Evaluator(model, getattr(split, name), opts.block_size, opts.batch_size, store,
-                                          info.compute_dtype, state_bytes, f"score maps ({name})"))
+                                          info.compute_dtype, state_bytes, f"score maps ({name})",
+                                          exact=name == "report"))
         return keys["calibration"]
 
     def _space(self, options, fronts: dict, surrogate) -> tuple[search.Space, list[Candidate]]:
@@ -317,11 +347,6 @@ class Run:
         return [c for _, c in sorted(found, key=lambda item: item[0])[:count]]
 
     # -- cache keys -----------------------------------------------------------------
-
-    def _model_key(self) -> list:
-        folder = Path(self.opts.model_dir).resolve()
-        weights = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.glob("*.safetensors"))
-        return [str(folder), file_digest(folder / "config.json"), weights]
 
     def _text_key(self) -> list:
         return [file_digest(path) for path in self.opts.text] or ["pydoc_data.topics"]

@@ -101,6 +101,7 @@ def calibration_record(result: Result) -> dict:
         "seq_len": opts["seq_len"],
         "seed": opts["seed"],
         "compute_dtype": str(result.info.compute_dtype).removeprefix("torch."),
+        "matmul_dtype": str(result.info.matmul_dtype or result.info.compute_dtype).removeprefix("torch."),
         "text": opts["text"] or ["pydoc_data.topics"],
         "text_ranges": _text_ranges(),
         "method": METHOD,
@@ -359,6 +360,14 @@ def _stage_lines(result: Result) -> list[str]:
     return lines
 
 
+def _products(info) -> str:
+    if info.matmul_dtype is None:
+        return ""
+    return (f" (the search and the choice with the decoder layers' matrix products in "
+            f"{str(info.matmul_dtype).removeprefix('torch.')}; the report's numbers with every product in "
+            f"{str(info.compute_dtype).removeprefix('torch.')})")
+
+
 def _text_line(result: Result) -> str:
     opts, tokens = result.opts, result.tokens
     source = ", ".join(opts["text"]) or "pydoc_data.topics (offline default)"
@@ -383,7 +392,7 @@ def markdown(result: Result) -> str:
     return f"""# KV precision calibration: {info.name}
 
 - Budget {opts['budget']:g} average code bits; served in {str(info.dtype).removeprefix('torch.')} with block size \
-{opts['block_size']}; forward passes in {str(info.compute_dtype).removeprefix('torch.')}.
+{opts['block_size']}; forward passes in {str(info.compute_dtype).removeprefix('torch.')}{_products(info)}.
 - {_text_line(result)}
 - Time: {wall:.0f} s wall, {cpu:.0f} s CPU, {result.threads} torch thread(s).
 

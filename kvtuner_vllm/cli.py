@@ -1,7 +1,7 @@
 """`kvtuner-vllm`: versions and extension status, and precision map summaries.
 
 kvtuner-vllm --version
-kvtuner-vllm show-map MAP [--model MODEL_DIR] [--group-size G]
+kvtuner-vllm show-map MAP [--model MODEL_DIR [--no-measure]] [--group-size G]
 """
 
 from __future__ import annotations
@@ -75,6 +75,36 @@ def show_map(args: argparse.Namespace) -> int:
     where = f"model {args.model}" if args.model else f"head size {head_size}, {num_kv_heads} KV heads"
     print(f"{args.map}: {pmap.num_layers} layers ({where}, bf16)")
     print(pmap.summary(head_size, num_kv_heads, torch.bfloat16))
+    if args.model and not args.no_measure:
+        return measure_map(pmap, args.model)
+    return 0
+
+
+def measure_map(pmap, model_dir: Path) -> int:
+    """What the map costs on the model (calibration.estimate, seconds), printed and kept for the server's startup
+    log (map_estimate)."""
+    from kvtuner_vllm import map_estimate
+
+    try:
+        from calibration import estimate
+    except ImportError as err:
+        print(f"not measured: the calibration extra is not installed ({err}); "
+              "pip install 'kvtuner-vllm[calibration]' to measure what the map costs on the model")
+        return 0
+    from calibration.errors import CalibrationError
+
+    print(f"measuring the map on {model_dir} ({estimate.TOKENS} tokens, unquantized and quantized passes) ...",
+          flush=True)
+    try:
+        result = estimate.measure(pmap, model_dir)
+    except CalibrationError as err:
+        print(f"kvtuner-vllm: {err}", file=sys.stderr)
+        return 1
+    map_estimate.save(model_dir, pmap, result)
+    for line in map_estimate.describe(result):
+        print(line)
+    print(f"({result['seconds']:.0f} s, {result['compute']}; kept for the startup log of a server of this model "
+          "and map)")
     return 0
 
 
@@ -82,9 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvtuner-vllm", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="store_true", help="versions, and whether the extension loads")
     sub = parser.add_subparsers(dest="command")
-    p = sub.add_parser("show-map", help="summarize a precision map (JSON/YAML v1 or a KVTuner preset YAML)")
+    p = sub.add_parser("show-map", help="summarize a precision map (JSON/YAML v1 or a KVTuner preset YAML); with "
+                       "--model, also measure what it costs on that model (KL and perplexity, seconds)")
     p.add_argument("map", type=Path)
     p.add_argument("--model", type=Path, help="HF model folder: take head size and KV heads from its config.json")
+    p.add_argument("--no-measure", action="store_true",
+                   help="with --model: only the geometry, without measuring what the map costs on the model")
     p.add_argument("--group-size", type=int, default=64, help="group size for a KVTuner preset (default 64)")
     p.add_argument("--head-size", type=int, default=64, help="without --model (default 64)")
     p.add_argument("--num-kv-heads", type=int, default=1, help="without --model (default 1)")

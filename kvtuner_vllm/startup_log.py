@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 
+from kvtuner_vllm import map_estimate
+from kvtuner_vllm.map_resolution import ModelInfo, ResolvedMap
 from kvtuner_vllm.precision_map import compact_ranges
 from kvtuner_vllm.vllm_config import model_info, resolved_map
 
@@ -30,6 +32,7 @@ def startup_block(vllm_config, memory_bytes: int, num_tokens: int, layers: list[
     lines = [
         "kvtuner KV cache",
         f"  precision map: {resolved.source}",
+        *(f"  {line}" for line in quality_lines(resolved, info)),
         "  " + resolved.map.summary(info.head_size, info.num_kv_heads, info.dtype).replace("\n", "\n  "),
         f"  KV capacity{where}: {num_tokens:,} tokens in {memory_bytes / 2**30:.2f} GiB; {dtype_name} would hold "
         f"{dense_tokens:,} tokens ({num_tokens / max(dense_tokens, 1):.2f}x)",
@@ -42,6 +45,23 @@ def startup_block(vllm_config, memory_bytes: int, num_tokens: int, layers: list[
             f"({tokens_with_rings / max(dense_tokens, 1):.2f}x {dtype_name})"
         )
     return "\n".join(lines)
+
+
+def quality_lines(resolved: ResolvedMap, info: ModelInfo) -> list[str]:
+    """What the map is known to cost on this model: its calibration's report, else a measurement `show-map` left
+    (map_estimate), else how to get one."""
+    if info.folder is None:
+        return []
+    record = resolved.map.calibration or {}
+    if map_estimate.is_calibrated_for(resolved.map, info.folder.name) and "report" in record:
+        report = record["report"]
+        return [f"calibrated for this model: KL {report['kl']:.4f} nats/token, perplexity "
+                f"{report['ppl_delta_pct']:+.2f}% on its report text"]
+    found = map_estimate.load(info.folder, resolved.map)
+    if found is not None:
+        return map_estimate.describe(found)
+    return ["not calibrated for this model nor measured on it: `kvtuner-vllm show-map MAP --model "
+            f"{info.folder}` measures what it costs (seconds to a minute)"]
 
 
 def log_startup_block(vllm_config, kv_cache_config) -> None:
@@ -59,5 +79,9 @@ def log_startup_block(vllm_config, kv_cache_config) -> None:
     # Each ring group (vLLM packs as many rings into a block as fit) holds one block per request;
     # vLLM's own count (max concurrency x max_model_len) already charges each request those blocks.
     ring_blocks = sum(not group.kv_cache_spec.prefix_cacheable for group in groups)
-    logger.info("%s", startup_block(vllm_config, memory_bytes, num_tokens, layers, ring_blocks,
-                                    vllm_config.cache_config.kv_cache_size_tokens))
+    block = startup_block(vllm_config, memory_bytes, num_tokens, layers, ring_blocks,
+                          vllm_config.cache_config.kv_cache_size_tokens)
+    logger.info("%s", block)
+    for line in block.splitlines():
+        if line.strip().startswith("WARNING"):  # a lossy map: also at warning level, where it is seen
+            logger.warning("kvtuner: %s", line.strip().removeprefix("WARNING: "))

@@ -1,5 +1,5 @@
 """Models for tests, materialized once into the kvtuner cache (${KVTUNER_CACHE:-~/.cache/kvtuner-vllm})
-with the same process-safe lock-and-rename as the bundled SmolLM2 (kvtuner_vllm.smollm2).
+with the same process-safe lock-and-rename as the bundled SmolLM2 (kvtuner_vllm.bundled_models).
 
 * `smollm2_dir()`: the real SmolLM2-135M-Instruct, bf16 (30 layers, head size 64, 3 KV heads).
 * `tiny_llama_dir(head_size)`: a tiny random Llama (4 layers, hidden 256, 2 KV heads, bf16, fixed
@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from kvtuner_vllm import smollm2
+from kvtuner_vllm import bundled_models
 
 TINY_LAYERS = 4
 TINY_HIDDEN = 256
@@ -25,7 +25,7 @@ TINY_VERSION = 2  # bump when the recipe changes
 
 
 def smollm2_dir() -> Path:
-    return smollm2.materialize()
+    return bundled_models.materialize("smollm2")
 
 
 def tiny_llama_config(head_size: int) -> dict:
@@ -58,7 +58,7 @@ def _build_tiny(head_size: int, dest: Path) -> None:
     config = LlamaConfig(**tiny_llama_config(head_size))
     model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(str(dest))
-    smollm2.save_tokenizer(dest)
+    bundled_models.save_tokenizer(dest)
     saved = json.loads((dest / "config.json").read_text())
     assert saved["head_dim"] == head_size and saved["architectures"] == ["LlamaForCausalLM"], saved
 
@@ -66,5 +66,5 @@ def _build_tiny(head_size: int, dest: Path) -> None:
 def tiny_llama_dir(head_size: int = 64) -> Path:
     if head_size not in (64, 128):
         raise ValueError(f"tiny models come with head size 64 or 128, not {head_size}")
-    target = smollm2.cache_root() / f"tiny-llama-h{head_size}"
-    return smollm2.materialize_once(target, lambda dest: _build_tiny(head_size, dest), version=TINY_VERSION)
+    target = bundled_models.cache_root() / f"tiny-llama-h{head_size}"
+    return bundled_models.materialize_once(target, lambda dest: _build_tiny(head_size, dest), version=TINY_VERSION)

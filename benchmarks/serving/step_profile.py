@@ -108,7 +108,7 @@ def main() -> None:
     if args.quick:
         args.repeats = 1
 
-    from kvtuner_vllm.smollm2 import materialize
+    from kvtuner_vllm.bundled_models import materialize
 
     model = materialize()
     num_layers = json.loads((model / "config.json").read_text())["num_hidden_layers"]

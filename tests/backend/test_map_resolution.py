@@ -170,3 +170,22 @@ def test_kvtuner_yaml_with_any_name_is_read(tmp_path):
     path.write_text("".join(f"{i}:\n  nbits_key: 8\n  nbits_value: 4\n" for i in range(30)))
     resolved = resolve({"precision_map": str(path)}, SMOL, {})
     assert resolved.map.avg_bits == 6 and resolved.map.group_size == 64
+
+
+def test_bundled_calibrated_presets_are_the_recorded_calibration_maps():
+    """A calibrated JSON preset is the map a recorded run in benchmarks/calibration chose, record included."""
+    runs = Path(__file__).resolve().parents[2] / "benchmarks" / "calibration"
+    recorded = {path.read_text() for path in runs.glob("*/precision_map.json")}
+    presets = sorted(PRESET_DIR.glob("*.json"))
+    assert [p.name for p in presets] == ["Qwen2.5-Coder-1.5B-Instruct.json",
+                                         "Qwen2.5-Coder-1.5B-Instruct_budget3.25.json",
+                                         "Qwen2.5-Coder-1.5B-Instruct_budget5.json", "SmolLM2-135M-Instruct.json"]
+    assert all(path.read_text() in recorded for path in presets)
+    budgets = {p.name: PrecisionMap.load(p).calibration["budget"] for p in presets}
+    assert budgets["Qwen2.5-Coder-1.5B-Instruct.json"] == budgets["SmolLM2-135M-Instruct.json"] == 4.0
+    qwen = find_preset(("/cache/Qwen2.5-Coder-1.5B-Instruct",))
+    assert qwen.name == "Qwen2.5-Coder-1.5B-Instruct.json"  # budget 4 by default, the others by name
+    model = ModelInfo(names=("Qwen2.5-Coder-1.5B-Instruct",), folder=None, num_layers=28, head_size=128,
+                      num_kv_heads=2)
+    chosen = resolve({"preset": "Qwen2.5-Coder-1.5B-Instruct_budget3.25"}, model, {})
+    assert chosen.map.calibration["budget"] == 3.25

@@ -1,20 +1,14 @@
-"""Fixtures of the calibration tests: the shared tiny random Llama (tests/conftest.py), loaded once.
-
-The tiny model's windows are 64 tokens and the simulated server's block size 32, so every window
-spans two blocks and the window rule (R = 16) and kivi key groups (G_t = 16) all take effect.
-"""
+"""Fixtures of the calibration tests: the shared tiny random Llama (tests/conftest.py), loaded once, and its
+windows (sizes in tiny_windows.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from tiny_windows import SEQ_LEN, TEXT_CHARS
 
 from calibration import data
 from calibration import model as model_io
-
-BLOCK = 32
-SEQ_LEN = 64
-TEXT_CHARS = 60_000  # enough for the windows below; tokenizing all 465k characters takes seconds
 
 
 @pytest.fixture(scope="session", autouse=True)

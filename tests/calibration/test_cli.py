@@ -5,9 +5,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TEXT_CHARS
+from tiny_windows import TEXT_CHARS
 
 from calibration import cli, data
+from calibration import model as model_io
 from calibration.common import SEARCH_PAIRS, Candidate, FormatOption
 from calibration.evaluate import Evaluator, ScoreStore
 from calibration.options import Options
@@ -85,18 +86,23 @@ def test_best_uniform_maps_fit_the_chosen_maps_bits_and_bytes(calibrated):
         assert record[name]["kl"] == best["report_kl"] and record[name][column] == best[column]
 
 
-def test_report_numbers_are_scored_on_the_report_text(calibrated, tiny, text, tmp_path):
+def test_report_numbers_are_scored_on_the_report_text(calibrated, tiny, tiny_dir, text, tmp_path):
     """The map file's and pareto.json's report numbers are the chosen map scored on the report windows (rescored
-    here from scratch: same windows, same computation, so exactly equal), not its selection scores."""
-    model, tokenizer, _ = tiny
+    here from scratch: same windows, same computation, every product in float32 as the report measures, so exactly
+    equal), not its selection scores."""
     defaults = Options(model_dir="", budget=4.0, out_dir="")
+    model, tokenizer, info = model_io.load(tiny_dir, "cpu", defaults.dtype, defaults.matmul_dtype)
+    assert info.matmul_dtype == torch.bfloat16  # the default on the tiny bf16 checkpoint
     split = data.split_tokens(tokenizer, data.load_text([text]), 128, 128, 128, 64, defaults.seed)
     loaded = PrecisionMap.load(calibrated / "precision_map.json")
     candidate = Candidate(FormatOption(**loaded.format_options), tuple(SEARCH_PAIRS.index(p) for p in loaded.layers))
     store = ScoreStore(tmp_path / "rescored.jsonl")
-    scores = Evaluator(model, split.report, 32, defaults.batch_size, store, torch.float32).score(candidate)
+    scores = Evaluator(model, split.report, 32, defaults.batch_size, store, torch.float32, exact=True).score(candidate)
     (chosen,) = [r for r in json.loads((calibrated / "pareto.json").read_text())["evaluated"] if r["chosen"]]
     assert loaded.calibration["report"]["kl"] == chosen["report_kl"] == scores.kl
+    unlowered, _, _ = tiny  # the model loaded in float32 without lower_matmuls: the same numbers
+    store = ScoreStore(tmp_path / "float32.jsonl")
+    assert Evaluator(unlowered, split.report, 32, defaults.batch_size, store, torch.float32).score(candidate) == scores
     assert chosen["report_ppl"] == scores.ppl and chosen["selection_kl"] != scores.kl
     assert loaded.calibration["tokens"] == {"calibration": 128, "selection": 128, "report": 128, "sensitivity": 64}
 

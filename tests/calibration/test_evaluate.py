@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BLOCK
+from tiny_windows import BLOCK
 
 from calibration import evaluate, simulate
 from calibration.common import SEARCH_PAIRS, Candidate, FormatOption, pair

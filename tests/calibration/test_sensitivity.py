@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import BLOCK
+from tiny_windows import BLOCK
 
 from calibration import capture, sensitivity
 from calibration.common import SEARCH_PAIRS, FormatOption, pair

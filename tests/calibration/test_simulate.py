@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import BLOCK
+from tiny_windows import BLOCK
 from transformers import AutoModelForCausalLM
 
 from calibration import capture, simulate
