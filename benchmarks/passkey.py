@@ -134,6 +134,9 @@ def main(argv: list[str] | None = None) -> None:
         if unknown:
             raise SystemExit(f"--configs: unknown {unknown}; known: {[c.name for c in chosen]}")
         chosen = [c for c in chosen if c.name in args.configs]
+    command = " ".join(["python -m benchmarks.passkey", *([f"--bundled {args.bundled}"] if not args.model else []),
+                        "--lengths", *map(str, args.lengths), "--keys", str(args.keys),
+                        *(["--configs", *(shlex.quote(c) for c in args.configs)] if args.configs else [])])
     for config in chosen:
         print(f"[passkey] {config.name} ...", flush=True)
         results = _run_in_subprocess(model_dir, config, todo, work / f"{config.name.replace(' ', '_')}.json",
@@ -142,12 +145,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[passkey] {config.name}: " + ", ".join(f"{length}: {v['found']}/{v['total']} "
                                                        f"({v['seconds_mean']:.0f} s)"
                                                        for length, v in rows[-1]["by_length"].items()), flush=True)
-    command = " ".join(["python -m benchmarks.passkey", *([f"--bundled {args.bundled}"] if not args.model else []),
-                        "--lengths", *map(str, args.lengths), "--keys", str(args.keys),
-                        *(["--configs", *(shlex.quote(c) for c in args.configs)] if args.configs else [])])
-    write_json(f"passkey-{model}", {"machine": machine_info(), "model": model, "rows": rows, "command": command,
-                                    "wall_seconds": time.perf_counter() - started, "depths": list(DEPTHS),
-                                    "kv_space_gib": args.kv_space_gib})
+        # written after every configuration: a long run stopped early keeps what it measured
+        write_json(f"passkey-{model}", {"machine": machine_info(), "model": model, "rows": rows, "command": command,
+                                        "wall_seconds": time.perf_counter() - started, "depths": list(DEPTHS),
+                                        "kv_space_gib": args.kv_space_gib})
 
 
 if __name__ == "__main__":
