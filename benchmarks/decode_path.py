@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import RESULTS_DIR, machine_info, write_json
-from benchmarks.maps import KVConfig, write_benchmark_maps
+from benchmarks.maps import KVConfig, select_configs, write_benchmark_maps
 from benchmarks.quality import FULL, Settings, _engine, heldout_windows
 from benchmarks.server import server_env
 
@@ -127,12 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     model = Path(model_dir).name
     work = RESULTS_DIR / "quality_runs" / model / "decode"
     work.mkdir(parents=True, exist_ok=True)
-    configs = write_benchmark_maps(model_dir, work / "maps")
-    if args.configs:
-        unknown = sorted(set(args.configs) - {c.name for c in configs})
-        if unknown:
-            raise SystemExit(f"--configs: unknown {unknown}; known: {[c.name for c in configs]}")
-        configs = [c for c in configs if c.name == "auto" or c.name.startswith("KVTuner") or c.name in args.configs]
+    configs = select_configs(write_benchmark_maps(model_dir, work / "maps"), args.configs)
     started, runs = time.perf_counter(), []
     for config in configs:
         print(f"[decode] {config.name} ...", flush=True)

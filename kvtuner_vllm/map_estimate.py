@@ -16,6 +16,7 @@ from typing import Any
 from kvtuner_vllm.bundled_models import cache_root
 from kvtuner_vllm.precision_map import PrecisionMap
 
+RECORD_VERSION = 2  # bump when the stored record changes: an older record is then not found, never misread
 LOSSY_PPL_PCT = 2.0  # a map that costs more perplexity than this on the measured text is called lossy
 KIVI_BETTER = 2.0  # kivi keys are recommended when they measure this many times lower KL at the same bits
 
@@ -33,7 +34,7 @@ def map_key(pmap: PrecisionMap) -> dict:
 
 
 def estimate_path(model_dir: str | Path, pmap: PrecisionMap) -> Path:
-    text = json.dumps([model_key(model_dir), map_key(pmap)], sort_keys=True)
+    text = json.dumps([RECORD_VERSION, model_key(model_dir), map_key(pmap)], sort_keys=True)
     return cache_root() / "map-estimates" / f"{hashlib.sha256(text.encode()).hexdigest()[:24]}.json"
 
 
@@ -47,10 +48,14 @@ def save(model_dir: str | Path, pmap: PrecisionMap, estimate: dict[str, Any]) ->
 
 
 def load(model_dir: str | Path, pmap: PrecisionMap) -> dict[str, Any] | None:
+    """The stored measurement, or None where there is none or it cannot be read (the startup log must not fail
+    on a damaged cache file)."""
     try:
-        return json.loads(estimate_path(model_dir, pmap).read_text())
-    except (OSError, ValueError):
+        found = json.loads(estimate_path(model_dir, pmap).read_text())
+        describe(found)
+    except (OSError, ValueError, KeyError, TypeError):
         return None
+    return found
 
 
 def is_calibrated_for(pmap: PrecisionMap, model_name: str) -> bool:

@@ -90,3 +90,15 @@ def test_startup_log_quotes_a_calibrated_maps_report(model_folder):
     for_another = calibrated.model_copy(update={"model": "SmolLM2-135M-Instruct"})
     assert "not calibrated for this model" in quality_lines(ResolvedMap(for_another, "preset"),
                                                             _info(model_folder))[0]
+
+
+@pytest.mark.parametrize("content", ["{not json", json.dumps({"map": {"kl": 0.1}}), json.dumps([1, 2])])
+def test_an_unreadable_stored_measurement_counts_as_none(model_folder, content):
+    """A damaged or incomplete record (e.g. a hand edit) must not crash the server's startup log."""
+    pmap = _map()
+    path = map_estimate.estimate_path(model_folder, pmap)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(content)
+    assert map_estimate.load(model_folder, pmap) is None
+    (hint,) = quality_lines(ResolvedMap(pmap, "map.json"), _info(model_folder))
+    assert "show-map" in hint

@@ -28,3 +28,14 @@ def test_greedy_agreement_is_the_matching_prefix():
     reference = {"greedy": [[1, 2, 3, 4], [5, 6]]}
     run = {"greedy": [[1, 2, 9, 4], [5, 6]]}
     assert quality.greedy_agreement(reference, run) == pytest.approx((2 / 4 + 1) / 2)
+
+
+def test_select_configs_keeps_the_baselines_and_refuses_unknown_names():
+    from benchmarks.maps import KVConfig, select_configs
+
+    configs = [KVConfig(name, "kvtuner") for name in ("auto", "fp8 (vLLM)", "v2 KV4", "KVTuner 4.00b")]
+    assert [c.name for c in select_configs(configs, ["v2 KV4"])] == ["auto", "v2 KV4", "KVTuner 4.00b"]
+    assert [c.name for c in select_configs(configs, ["v2 KV4"], keep_baselines=False)] == ["v2 KV4"]
+    assert select_configs(configs, None) == configs
+    with pytest.raises(SystemExit, match=r"unknown \['v3'\]"):
+        select_configs(configs, ["v3"])
