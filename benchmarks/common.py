@@ -9,6 +9,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+ROOT = RESULTS_DIR.parents[1]
+
+
+def repo_relative(path: str | None) -> str | None:
+    """A path as a results file records it: relative to the repository when inside it, so that the committed
+    results name no folder of the machine that made them."""
+    if path is None or not Path(path).is_relative_to(ROOT):
+        return path
+    return str(Path(path).relative_to(ROOT))
 
 
 # The CPU features that decide which attention kernels run (ours and vLLM's), as /proc/cpuinfo names them.

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import RESULTS_DIR, machine_info, write_json
+from benchmarks.common import RESULTS_DIR, machine_info, repo_relative, write_json
 from benchmarks.maps import KVConfig, select_configs, write_benchmark_maps
 from benchmarks.quality import FULL, Settings, _engine, heldout_windows
 from benchmarks.server import server_env
@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> None:
     (work / "sequences.json").write_text(json.dumps(runs))
     _child(["--score", str(work / "sequences.json"), "--model", model_dir], work / "under_auto.json")
     under_auto = json.loads((work / "under_auto.json").read_text())
-    rows = [{**run["config"], **numbers(run, scored), "seconds": run["seconds"]}
+    rows = [{**run["config"], "precision_map": repo_relative(run["config"]["precision_map"]), **numbers(run, scored),
+             "seconds": run["seconds"]}
             for run, scored in zip(runs, under_auto)]
     command = " ".join(["python -m benchmarks.decode_path", *(["--quick"] if args.quick else []),
                         *([f"--bundled {args.bundled}"] if not args.model and args.bundled != "smollm2" else []),

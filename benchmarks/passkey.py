@@ -23,7 +23,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from benchmarks.common import RESULTS_DIR, machine_info, write_json
+from benchmarks.common import RESULTS_DIR, machine_info, repo_relative, write_json
 from benchmarks.maps import KVConfig, calibrated_configs, select_configs, uniform_config
 from benchmarks.server import server_env
 
@@ -84,7 +84,8 @@ def summarize(config: KVConfig, results: list[dict]) -> dict:
         mine = [r for r in results if r["length"] == length]
         by_length[str(length)] = {"found": sum(r["found"] for r in mine), "total": len(mine),
                                   "seconds_mean": sum(r["seconds"] for r in mine) / len(mine)}
-    return {**asdict(config), "by_length": by_length, "cases": results}
+    return {**asdict(config), "precision_map": repo_relative(config.precision_map), "by_length": by_length,
+            "cases": results}
 
 
 def _run_in_subprocess(model_dir: str, config: KVConfig, todo: list[dict], out: Path, kv_space_gib: int) -> list:

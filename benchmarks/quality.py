@@ -31,7 +31,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from benchmarks.common import RESULTS_DIR, machine_info, write_json
+from benchmarks.common import RESULTS_DIR, machine_info, repo_relative, write_json
 from benchmarks.maps import KVConfig, select_configs, write_benchmark_maps
 from benchmarks.server import capacity_tokens, server_env
 
@@ -42,7 +42,6 @@ TOP_K = 20
 # its window rings: one block per running request for SmolLM2's maps with a window).
 CAPACITY_REQUEST_TOKENS = 2048
 QUESTIONS = Path(__file__).with_name("data") / "questions.jsonl"
-ROOT = Path(__file__).resolve().parents[1]
 GREEDY_PROMPTS = (
     "The capital of France is",
     "def fibonacci(n):",
@@ -182,14 +181,6 @@ def accuracy(run: dict) -> float:
     return correct / len(questions)
 
 
-def _repo_relative(path: str | None) -> str | None:
-    """A map's path as the results file records it: relative to the repository when inside it, so
-    that the committed results name no folder of the machine that made them."""
-    if path is None or not Path(path).is_relative_to(ROOT):
-        return path
-    return str(Path(path).relative_to(ROOT))
-
-
 def summarize(runs: list[dict]) -> list[dict]:
     reference = next(r for r in runs if r["config"]["kv_cache_dtype"] == "auto")
     rows = []
@@ -198,7 +189,7 @@ def summarize(runs: list[dict]) -> list[dict]:
         rows.append(
             {
                 **run["config"],
-                "precision_map": _repo_relative(run["config"]["precision_map"]),
+                "precision_map": repo_relative(run["config"]["precision_map"]),
                 "ppl": perplexity(run),
                 "kl_topk": kl,
                 "top1_agreement": top1,

@@ -39,3 +39,13 @@ def test_select_configs_keeps_the_baselines_and_refuses_unknown_names():
     assert select_configs(configs, None) == configs
     with pytest.raises(SystemExit, match=r"unknown \['v3'\]"):
         select_configs(configs, ["v3"])
+
+
+def test_committed_results_name_no_folder_of_the_machine_that_made_them():
+    from benchmarks.common import ROOT
+
+    files = [*(ROOT / "benchmarks" / "results").glob("*.json"), *(ROOT / "benchmarks" / "calibration").rglob("*.json")]
+    assert len(files) > 5
+    offenders = [f.name for f in files if any(f'"{prefix}' in f.read_text() for prefix in ("/work/", "/root/", "/home/",
+                                                                                            "/tmp/"))]
+    assert offenders == []
