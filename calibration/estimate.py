@@ -15,7 +15,7 @@ import torch
 
 from calibration import data
 from calibration import model as model_io
-from calibration.common import FormatOption, pair
+from calibration.common import FormatOption, Geometry, pair
 from calibration.evaluate import Evaluator, Scores, ScoreStore
 from kvtuner_vllm import format as kvformat
 from kvtuner_vllm.precision_map import PrecisionMap
@@ -53,10 +53,10 @@ class MapUnderTest:
 
 
 def _row(scores: Scores, unquantized: Scores, under_test: MapUnderTest, info: model_io.ModelInfo) -> dict:
-    formats = under_test.layer_formats(info.head_dim, info.dtype)
+    geometry = Geometry(info.head_dim, info.num_kv_heads, info.dtype)
     return {"format": under_test.option.label, "kl": scores.kl, "ppl": scores.ppl,
             "ppl_delta_pct": 100 * (scores.ppl / unquantized.ppl - 1),
-            "bytes_per_token": info.num_kv_heads * sum(f.bytes_per_token for f in formats)}
+            "bytes_per_token": geometry.bytes_per_token(under_test)}
 
 
 def measure(pmap: PrecisionMap, model_dir: str | Path, tokens: int = TOKENS, threads: int | None = None) -> dict:
